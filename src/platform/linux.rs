@@ -1,0 +1,768 @@
+#![allow(dead_code)] // helpers used by the modules built on the platform seam
+//! Linux system calls. Every `unsafe` call into the kernel that the crate makes lives here,
+//! behind a small safe wrapper, so that a macOS port replaces this one file.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::AtomicU32;
+use std::time::Duration;
+
+use crate::error::{Error, ExitStatus, Result};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_long(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Retries a call while it fails with `EINTR`.
+pub(crate) fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------------------------
+
+/// The calling process's id.
+pub(crate) fn getpid() -> u32 {
+    std::process::id()
+}
+
+/// The parent's process id.
+pub(crate) fn getppid() -> u32 {
+    // SAFETY: getppid has no preconditions and cannot fail.
+    unsafe { libc::getppid() as u32 }
+}
+
+/// The calling thread's id.
+pub(crate) fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions and cannot fail.
+    unsafe { libc::gettid() as u32 }
+}
+
+/// Which side of a fork we are on.
+pub(crate) enum Forked {
+    Parent(u32),
+    Child,
+}
+
+/// `fork(2)`.
+///
+/// # Safety
+/// In a multithreaded program the child may only do what is safe after `fork`: the caller
+/// guarantees that the child path avoids locks other threads might have held (the crate's child
+/// paths take no lock before they exec or reinitialise their own state).
+pub(crate) unsafe fn fork() -> Result<Forked> {
+    // SAFETY: forwarded to the caller.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(Error::last_os()),
+        0 => Ok(Forked::Child),
+        p => Ok(Forked::Parent(p as u32)),
+    }
+}
+
+/// `clone3(CLONE_PARENT)`: a fork whose child gets the caller's parent as its parent. The fork
+/// server uses it so that its workers are children of the program that asked for them.
+///
+/// # Safety
+/// As for [`fork`].
+pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let mut args = CloneArgs {
+        // With CLONE_PARENT the kernel refuses an exit signal: the child inherits the caller's
+        // (SIGCHLD for a process started by fork), which is what its new parent expects.
+        flags: libc::CLONE_PARENT as u64,
+        ..Default::default()
+    };
+    // SAFETY: clone3 with no stack behaves like fork (the child resumes on a copy of this
+    // stack); args is a valid clone_args of the size we pass. The caller upholds fork's rules.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match r {
+        -1 => Err(Error::last_os()),
+        0 => Ok(Forked::Child),
+        p => Ok(Forked::Parent(p as u32)),
+    }
+}
+
+/// Ends the calling process at once, without running `atexit` handlers or destructors: what a
+/// forked child must do, since the handlers it inherited belong to its parent.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// Asks the kernel to send `SIGKILL` to the calling process when its parent thread dies, and
+/// closes the race where the parent died before the call: if the parent is no longer
+/// `expected_parent`, the process exits at once.
+pub(crate) fn die_with_parent(expected_parent: u32) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; no memory is passed.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    if getppid() != expected_parent {
+        exit_now(1);
+    }
+}
+
+/// `pidfd_open(2)`: a file descriptor that refers to process `pid`; it becomes readable when
+/// the process exits, and it can be waited on and signalled without pid-reuse races.
+pub(crate) fn pidfd_open(pid: u32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; on success it returns a new fd we own.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    let fd = cvt_long(r)? as RawFd;
+    // SAFETY: the fd was just returned by the kernel and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(fd.as_fd_ref(), true)?;
+    Ok(fd)
+}
+
+trait AsFdRef {
+    fn as_fd_ref(&self) -> BorrowedFd<'_>;
+}
+impl AsFdRef for OwnedFd {
+    fn as_fd_ref(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.as_fd()
+    }
+}
+
+/// `pidfd_send_signal(2)`.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, sig: i32) -> Result<()> {
+    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    match cvt_long(r) {
+        Ok(_) => Ok(()),
+        // The process already exited (a zombie or reaped): nothing to signal.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits for (and reaps) the child behind `pidfd`. With `block == false` returns `Ok(None)` if it
+/// is still running.
+pub(crate) fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> Result<Option<ExitStatus>> {
+    const P_PIDFD: libc::idtype_t = 3;
+    let mut info: libc::siginfo_t = unsafe_zeroed_siginfo();
+    let mut flags = libc::WEXITED;
+    if !block {
+        flags |= libc::WNOHANG;
+    }
+    retry(|| {
+        // SAFETY: info is a valid, writable siginfo_t; the pidfd is valid for the call.
+        cvt(unsafe {
+            libc::waitid(
+                P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                flags,
+            )
+        })
+    })?;
+    // SAFETY: waitid filled info (or left it zeroed for WNOHANG with no change): si_pid is valid
+    // to read for SIGCHLD infos, and zero means "nothing yet".
+    let pid = unsafe { info.si_pid() };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // SAFETY: as above, si_status is valid for a SIGCHLD siginfo.
+    let status = unsafe { info.si_status() };
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ExitStatus::Exited(status),
+        _ => ExitStatus::Signaled(status),
+    }))
+}
+
+fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
+    // SAFETY: siginfo_t is plain old data; all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Reaps any zombie child whose pid we no longer track (never blocks). Returns how many.
+pub(crate) fn reap_pid_nohang(pid: u32) -> Option<ExitStatus> {
+    let mut status = 0;
+    // SAFETY: status is a valid out-pointer.
+    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
+    if r <= 0 {
+        return None;
+    }
+    Some(decode_wait_status(status))
+}
+
+/// Blocks until child `pid` exits and reaps it.
+pub(crate) fn reap_pid(pid: u32) -> Option<ExitStatus> {
+    let mut status = 0;
+    let r = retry(|| {
+        // SAFETY: status is a valid out-pointer.
+        cvt(unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) })
+    });
+    match r {
+        Ok(p) if p > 0 => Some(decode_wait_status(status)),
+        _ => None,
+    }
+}
+
+fn decode_wait_status(status: libc::c_int) -> ExitStatus {
+    if libc::WIFSIGNALED(status) {
+        ExitStatus::Signaled(libc::WTERMSIG(status))
+    } else {
+        ExitStatus::Exited(libc::WEXITSTATUS(status))
+    }
+}
+
+/// `kill(2)` by pid (prefer [`pidfd_send_signal`] where a pidfd is at hand).
+pub(crate) fn kill(pid: u32, sig: i32) -> Result<()> {
+    // SAFETY: kill takes a pid and a signal number.
+    cvt(unsafe { libc::kill(pid as libc::pid_t, sig) })?;
+    Ok(())
+}
+
+/// Replaces the process image (`execve`). Only returns on failure. `argv` and `envp` are
+/// prepared before a fork so the child allocates nothing.
+pub(crate) fn execve(
+    path: &CStr,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> io::Error {
+    // SAFETY: path is NUL-terminated; argv and envp are NULL-terminated arrays of pointers to
+    // NUL-terminated strings that outlive the call (the caller keeps their owners alive).
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// Number of CPUs online.
+pub(crate) fn cpu_count() -> usize {
+    // SAFETY: sysconf has no memory arguments.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n < 1 { 1 } else { n as usize }
+}
+
+/// Number of CPUs this process may run on (its affinity mask).
+pub(crate) fn process_cpu_count() -> usize {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            let n = libc::CPU_COUNT(&set);
+            if n > 0 {
+                return n as usize;
+            }
+        }
+    }
+    cpu_count()
+}
+
+/// Resident set size of a process, in bytes, from `/proc/PID/statm`.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = s.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory arguments.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    Some(pages * page)
+}
+
+// ---------------------------------------------------------------------------------------------
+// File descriptors, sockets, poll
+// ---------------------------------------------------------------------------------------------
+
+/// Sets or clears `FD_CLOEXEC`.
+pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    if new != flags {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, new) })?;
+    }
+    Ok(())
+}
+
+/// Sets or clears `O_NONBLOCK`.
+pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments.
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    let new = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    if new != flags {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, new) })?;
+    }
+    Ok(())
+}
+
+/// A connected pair of close-on-exec Unix sockets of the given type
+/// (`libc::SOCK_STREAM` or `libc::SOCK_SEQPACKET`).
+pub(crate) fn socketpair(kind: libc::c_int) -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid array of two ints for the kernel to fill.
+    cvt(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            kind | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A close-on-exec pipe: (read end, write end).
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid array of two ints for the kernel to fill.
+    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both fds were just created and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Duplicates `fd` onto the number `target` (which is closed first if open), without
+/// close-on-exec: for handing one descriptor to an exec'd child at a known number.
+pub(crate) fn dup2(fd: RawFd, target: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 on integers; the caller owns `target`'s slot (used only in a child before
+    // exec).
+    cvt(unsafe { libc::dup2(fd, target) }).map(|_| ())
+}
+
+/// Duplicates a descriptor (close-on-exec).
+pub(crate) fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd we own.
+    let r = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: the fd was just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// `read(2)` into `buf`, retrying on `EINTR`. Returns 0 at end of file.
+pub(crate) fn read(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: buf is valid for writes of buf.len() bytes.
+        let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })
+}
+
+/// `write(2)` from `buf`, retrying on `EINTR`. Never raises `SIGPIPE` for sockets.
+pub(crate) fn write(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: buf is valid for reads of buf.len() bytes.
+        let r = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })
+}
+
+/// Writes all of `buf`.
+pub(crate) fn write_all(fd: BorrowedFd<'_>, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = send(fd, buf)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf = &buf[n..];
+    }
+    Ok(())
+}
+
+/// Fills all of `buf`; `Ok(false)` if end of file came before the first byte, an
+/// `UnexpectedEof` error if it came in the middle.
+pub(crate) fn read_exact(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = read(fd, &mut buf[got..])?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// `send(2)` with `MSG_NOSIGNAL` on sockets, falling back to `write` for other descriptors.
+pub(crate) fn send(fd: BorrowedFd<'_>, buf: &[u8]) -> io::Result<usize> {
+    retry(|| {
+        // SAFETY: buf is valid for reads of buf.len() bytes.
+        let r = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSOCK) {
+            return write(fd, buf);
+        }
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })
+}
+
+/// Largest number of descriptors one message may carry.
+pub(crate) const MAX_FDS_PER_MSG: usize = 64;
+
+/// Sends `buf` (at least one byte) with `fds` attached as `SCM_RIGHTS` on a Unix socket.
+/// Returns how many bytes of `buf` went; the descriptors go with the first byte.
+pub(crate) fn send_with_fds(fd: BorrowedFd<'_>, buf: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    if fds.is_empty() {
+        return send(fd, buf);
+    }
+    if fds.len() > MAX_FDS_PER_MSG || buf.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "too many descriptors or empty buffer",
+        ));
+    }
+    let space = cmsg_space(fds.len());
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is valid, fields set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points to a buffer of CMSG_SPACE(len) bytes, aligned for cmsghdr;
+    // CMSG_FIRSTHDR/CMSG_DATA stay within it and we copy exactly fds.len() ints.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of_val(fds) as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
+    }
+    retry(|| {
+        // SAFETY: msg is fully initialised and its buffers outlive the call.
+        let r = unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })
+}
+
+fn cmsg_space(nfds: usize) -> usize {
+    // SAFETY: CMSG_SPACE is a pure computation.
+    unsafe { libc::CMSG_SPACE((nfds * std::mem::size_of::<RawFd>()) as u32) as usize }
+}
+
+/// Receives into `buf` from a Unix socket, collecting any `SCM_RIGHTS` descriptors into `fds`
+/// (close-on-exec). Returns the byte count (0 at end of file).
+pub(crate) fn recv_with_fds(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    let space = cmsg_space(MAX_FDS_PER_MSG);
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is valid, fields set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    let n = retry(|| {
+        // SAFETY: msg describes valid writable buffers that outlive the call.
+        let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSOCK) {
+            return read(fd, buf);
+        }
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })?;
+    // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed cmsgs; we
+    // walk them with the CMSG macros and read only SCM_RIGHTS payloads as ints.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many file descriptors in one message",
+        ));
+    }
+    Ok(n)
+}
+
+/// Readiness to wait for in [`poll`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Interest {
+    Read,
+    Write,
+}
+
+/// Waits until one of `fds` is ready (readable, or writable, or hung up / in error) or the
+/// timeout passes (`None` waits forever). Returns a readiness flag for each descriptor.
+pub(crate) fn poll(fds: &[(BorrowedFd<'_>, Interest)], timeout: Option<Duration>) -> Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(fd, i)| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: match i {
+                Interest::Read => libc::POLLIN,
+                Interest::Write => libc::POLLOUT,
+            },
+            revents: 0,
+        })
+        .collect();
+    let deadline = timeout.map(|t| std::time::Instant::now() + t);
+    loop {
+        let ms = match deadline {
+            None => -1,
+            Some(d) => {
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                // Round up so a short timeout still sleeps instead of spinning.
+                left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int
+            }
+        };
+        // SAFETY: pfds is a valid array of pollfd of the given length.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if r == 0 {
+            if let Some(d) = deadline {
+                if std::time::Instant::now() < d {
+                    continue;
+                }
+            }
+        }
+        return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+    }
+}
+
+/// True when `fd` is readable (or at end of file) within `timeout`.
+pub(crate) fn poll_read(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bool> {
+    Ok(poll(&[(fd, Interest::Read)], timeout)?[0])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory: memfd, POSIX shared memory, mmap
+// ---------------------------------------------------------------------------------------------
+
+/// An anonymous shared-memory file of `size` bytes (zero-filled, close-on-exec). It has no name
+/// in /dev/shm: it is freed when the last descriptor and mapping go, even if every process
+/// holding it is killed.
+pub(crate) fn memfd(name: &CStr, size: usize) -> Result<OwnedFd> {
+    // SAFETY: name is NUL-terminated; flags are valid.
+    let r = cvt(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: the fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    ftruncate(fd.as_fd_ref(), size)?;
+    Ok(fd)
+}
+
+/// Sets a file's size.
+pub(crate) fn ftruncate(fd: BorrowedFd<'_>, size: usize) -> Result<()> {
+    // SAFETY: ftruncate on a valid fd.
+    cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) })?;
+    Ok(())
+}
+
+/// The size of the file behind `fd`.
+pub(crate) fn fstat_size(fd: BorrowedFd<'_>) -> Result<usize> {
+    // SAFETY: st is plain data for the kernel to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-pointer.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_size as usize)
+}
+
+/// `shm_open(name, O_RDWR | O_CREAT [| O_EXCL])` (close-on-exec). `name` starts with '/'.
+pub(crate) fn shm_open(name: &CStr, create: bool, exclusive: bool) -> Result<OwnedFd> {
+    let mut flags = libc::O_RDWR | libc::O_CLOEXEC;
+    if create {
+        flags |= libc::O_CREAT;
+    }
+    if exclusive {
+        flags |= libc::O_EXCL;
+    }
+    // SAFETY: name is NUL-terminated.
+    let r = cvt(unsafe { libc::shm_open(name.as_ptr(), flags, 0o600) })?;
+    // SAFETY: the fd was just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// `shm_unlink(name)`.
+pub(crate) fn shm_unlink(name: &CStr) -> Result<()> {
+    // SAFETY: name is NUL-terminated.
+    cvt(unsafe { libc::shm_unlink(name.as_ptr()) })?;
+    Ok(())
+}
+
+/// A shared, read-write mapping of a file; unmapped on drop.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; synchronising access to its bytes is the job of
+// the types built on it (atomics, futex locks).
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared and read-write.
+    pub(crate) fn new(fd: BorrowedFd<'_>, len: usize) -> Result<Mapping> {
+        if len == 0 {
+            return Err(Error::arg("cannot map zero bytes"));
+        }
+        // SAFETY: a fresh mapping chosen by the kernel; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::last_os());
+        }
+        Ok(Mapping {
+            ptr: p.cast(),
+            len,
+        })
+    }
+
+    /// Start of the mapping (page aligned).
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe a mapping this value created and nobody else unmaps.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Futexes (shared between processes: no FUTEX_PRIVATE_FLAG)
+// ---------------------------------------------------------------------------------------------
+
+/// Sleeps while `*word == expected`, at most `timeout` (`None` waits forever). Returns `false`
+/// on timeout, `true` otherwise (woken, value changed, or interrupted: callers re-check).
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> bool {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: word is a valid, aligned u32 for the duration of the call; tsp is null or valid.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            tsp,
+        )
+    };
+    !(r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT))
+}
+
+/// Wakes up to `n` waiters sleeping on `word`. Returns how many were woken.
+pub(crate) fn futex_wake(word: &AtomicU32, n: u32) -> u32 {
+    // SAFETY: word is a valid, aligned u32; FUTEX_WAKE does not dereference other memory.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            n.min(i32::MAX as u32),
+        )
+    };
+    if r < 0 { 0 } else { r as u32 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals
+// ---------------------------------------------------------------------------------------------
+
+/// Restores the default disposition of the signals a child should not inherit as ignored.
+pub(crate) fn reset_signal_dispositions() {
+    for sig in [libc::SIGPIPE, libc::SIGCHLD, libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: SIG_DFL is always a valid disposition.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+}

@@ -1,0 +1,81 @@
+//! The start-method seam: how a child process comes to exist. See `README.md` beside this file.
+//!
+//! Every method produces the same thing, a [`Launched`] child that is a direct child of the
+//! calling process (so it can be waited on through a pidfd) and that runs
+//! [`child::child_main`] on its end of a *boot socket*. The caller then sends a
+//! [`child::ChildTask`] down its end of the boot socket. Nothing above this module knows which
+//! method made the child.
+
+pub(crate) mod child;
+mod fork;
+mod forkserver;
+mod spawn;
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::context::StartMethod;
+use crate::error::Result;
+use crate::platform;
+
+pub(crate) use child::{ChildTask, Outcome};
+
+/// A child that was just started.
+#[derive(Debug)]
+pub(crate) struct Launched {
+    /// Its process id.
+    pub(crate) pid: u32,
+    /// A pidfd: readable when it exits, and the handle to signal and reap it.
+    pub(crate) pidfd: OwnedFd,
+    /// The parent's end of the boot socket (a `SOCK_STREAM` Unix socket).
+    pub(crate) boot: OwnedFd,
+}
+
+/// Starts a child with `method`; the child waits for its task on the boot socket.
+pub(crate) fn launch(method: StartMethod) -> Result<Launched> {
+    let (parent_end, child_end) = platform::socketpair(libc::SOCK_STREAM)?;
+    let pid = match method {
+        StartMethod::Fork => fork::launch(parent_end.as_fd(), child_end)?,
+        StartMethod::ForkServer => forkserver::launch(child_end)?,
+        StartMethod::Spawn => spawn::launch(child_end)?,
+    };
+    // The child is our own child in every method (the fork server forks with CLONE_PARENT), so
+    // its pid cannot be reused before we reap it: pidfd_open has no race here.
+    let pidfd = match platform::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = platform::kill(pid, libc::SIGKILL);
+            platform::reap_pid(pid);
+            return Err(e);
+        }
+    };
+    Ok(Launched {
+        pid,
+        pidfd,
+        boot: parent_end,
+    })
+}
+
+/// Forks a child that runs `f` and exits with the code it returns ([`StartMethod::Fork`] only:
+/// the closure's captures exist only in this address space).
+pub(crate) fn launch_closure(f: Box<dyn FnOnce() -> i32 + Send>) -> Result<(u32, OwnedFd)> {
+    let pid = fork::launch_closure(f)?;
+    let pidfd = platform::pidfd_open(pid)?;
+    Ok((pid, pidfd))
+}
+
+/// Called once per process, before `main` (from the executable's `.init_array`): if this
+/// process was started as a spawn child or as a fork server, it does that job and never
+/// returns. A no-op in ordinary processes.
+pub(crate) fn enter_if_child() {
+    spawn::enter_if_child();
+}
+
+/// Starts the fork server now if it is not running (done by [`crate::init`]).
+pub(crate) fn ensure_forkserver() -> Result<()> {
+    forkserver::ensure_started()
+}
+
+/// Pid of this process's fork server, if it started one.
+pub(crate) fn forkserver_pid() -> Option<u32> {
+    forkserver::server_pid()
+}
