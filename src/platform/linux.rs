@@ -766,3 +766,136 @@ pub(crate) fn reset_signal_dispositions() {
         unsafe { libc::signal(sig, libc::SIG_DFL) };
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Robust, process-shared mutexes
+// ---------------------------------------------------------------------------------------------
+
+/// A `pthread_mutex_t` configured process-shared and robust, to be placed in shared memory.
+///
+/// When a holder dies (even by `SIGKILL`) the kernel walks its robust list, marks the mutex
+/// owner-died and wakes one waiter, whose lock call then returns [`RobustLock::OwnerDied`]: the
+/// caller holds the mutex and must call [`RawRobustMutex::make_consistent`] after repairing what
+/// it protects (or unlock without it, which makes the mutex permanently unusable, `ENOTRECOVERABLE`).
+#[repr(C)]
+pub(crate) struct RawRobustMutex(std::cell::UnsafeCell<libc::pthread_mutex_t>);
+
+// SAFETY: pthread mutexes are designed to be shared between threads and (pshared) processes.
+unsafe impl Sync for RawRobustMutex {}
+// SAFETY: as above.
+unsafe impl Send for RawRobustMutex {}
+
+/// Result of locking a [`RawRobustMutex`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RobustLock {
+    /// Locked normally.
+    Acquired,
+    /// Locked, but the previous owner died holding it.
+    OwnerDied,
+}
+
+impl RawRobustMutex {
+    /// Initialises a mutex in place.
+    ///
+    /// # Safety
+    /// `at` points to writable memory of `size_of::<RawRobustMutex>()` bytes, suitably aligned,
+    /// that no other thread or process is using yet.
+    pub(crate) unsafe fn init_at(at: *mut RawRobustMutex, recursive: bool) -> Result<()> {
+        // SAFETY: attr is initialised by pthread_mutexattr_init before use and destroyed after;
+        // `at` is valid per the caller's contract.
+        unsafe {
+            let mut attr: libc::pthread_mutexattr_t = std::mem::zeroed();
+            let r = libc::pthread_mutexattr_init(&mut attr);
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r).into());
+            }
+            libc::pthread_mutexattr_setpshared(&mut attr, libc::PTHREAD_PROCESS_SHARED);
+            libc::pthread_mutexattr_setrobust(&mut attr, libc::PTHREAD_MUTEX_ROBUST);
+            if recursive {
+                libc::pthread_mutexattr_settype(&mut attr, libc::PTHREAD_MUTEX_RECURSIVE);
+            } else {
+                libc::pthread_mutexattr_settype(&mut attr, libc::PTHREAD_MUTEX_ERRORCHECK);
+            }
+            let r = libc::pthread_mutex_init((*at).0.get(), &attr);
+            libc::pthread_mutexattr_destroy(&mut attr);
+            if r != 0 {
+                return Err(io::Error::from_raw_os_error(r).into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Locks, waiting at most `timeout` (`None`: forever). `Err(Timeout)` when it runs out.
+    pub(crate) fn lock(&self, timeout: Option<Duration>) -> Result<RobustLock> {
+        let r = match timeout {
+            None => {
+                // SAFETY: the mutex was initialised by init_at (the owning type guarantees it).
+                unsafe { libc::pthread_mutex_lock(self.0.get()) }
+            }
+            Some(t) => {
+                let mut now: libc::timespec = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: valid out-pointer.
+                unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) };
+                let total = now.tv_nsec as u128 + t.subsec_nanos() as u128;
+                let deadline = libc::timespec {
+                    tv_sec: now
+                        .tv_sec
+                        .saturating_add(t.as_secs().min(i32::MAX as u64) as libc::time_t)
+                        .saturating_add((total / 1_000_000_000) as libc::time_t),
+                    tv_nsec: (total % 1_000_000_000) as libc::c_long,
+                };
+                // SAFETY: initialised mutex, valid timespec.
+                unsafe { libc::pthread_mutex_timedlock(self.0.get(), &deadline) }
+            }
+        };
+        match r {
+            0 => Ok(RobustLock::Acquired),
+            libc::EOWNERDEAD => Ok(RobustLock::OwnerDied),
+            libc::ETIMEDOUT => Err(Error::Timeout),
+            libc::EDEADLK => Err(Error::state(
+                "lock already held by this thread (use an RLock for re-entrant locking)",
+            )),
+            libc::ENOTRECOVERABLE => Err(Error::state(
+                "lock is unusable: a previous holder died and the lock was not made consistent",
+            )),
+            e => Err(io::Error::from_raw_os_error(e).into()),
+        }
+    }
+
+    /// Tries to lock without waiting; `Ok(None)` if another holder has it.
+    pub(crate) fn try_lock(&self) -> Result<Option<RobustLock>> {
+        // SAFETY: initialised mutex.
+        match unsafe { libc::pthread_mutex_trylock(self.0.get()) } {
+            0 => Ok(Some(RobustLock::Acquired)),
+            libc::EOWNERDEAD => Ok(Some(RobustLock::OwnerDied)),
+            libc::EBUSY => Ok(None),
+            libc::EDEADLK => Ok(None),
+            libc::ENOTRECOVERABLE => Err(Error::state(
+                "lock is unusable: a previous holder died and the lock was not made consistent",
+            )),
+            e => Err(io::Error::from_raw_os_error(e).into()),
+        }
+    }
+
+    /// Marks the state consistent again after an [`RobustLock::OwnerDied`] (caller holds it).
+    pub(crate) fn make_consistent(&self) -> Result<()> {
+        // SAFETY: initialised mutex held by the caller.
+        match unsafe { libc::pthread_mutex_consistent(self.0.get()) } {
+            0 => Ok(()),
+            e => Err(io::Error::from_raw_os_error(e).into()),
+        }
+    }
+
+    /// Unlocks. Fails with `EPERM` if the caller does not hold it.
+    pub(crate) fn unlock(&self) -> Result<()> {
+        // SAFETY: initialised mutex.
+        match unsafe { libc::pthread_mutex_unlock(self.0.get()) } {
+            0 => Ok(()),
+            libc::EPERM => Err(Error::state("unlock of a lock this thread does not hold")),
+            e => Err(io::Error::from_raw_os_error(e).into()),
+        }
+    }
+}
