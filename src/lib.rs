@@ -40,8 +40,9 @@ pub use context::{
 };
 pub use error::{Error, ExitStatus, Result};
 pub use function::build_id;
+pub use start::set_executable;
 pub use process::{
-    ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, active_children, cpu_count,
+    ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, Worker, active_children, cpu_count,
     current_process, parent_process, process_cpu_count, spawn, spawn_in,
 };
 

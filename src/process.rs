@@ -771,3 +771,43 @@ impl<R> Drop for JoinHandle<R> {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Worker: Python's `Process` subclass with a `run` method
+// ---------------------------------------------------------------------------------------------
+
+/// A type whose `run` a child process calls: the Rust form of subclassing Python's
+/// `multiprocessing.Process` and overriding `run`. The value travels to the child (it is
+/// serialized at `start`), so it carries the worker's state.
+///
+/// ```
+/// use multiproc::{Process, Worker};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Greeter {
+///     who: String,
+/// }
+/// impl Worker for Greeter {
+///     fn run(self) {
+///         println!("hello {} from {}", self.who, std::process::id());
+///     }
+/// }
+/// let mut p = Process::from_worker(Greeter { who: "world".into() });
+/// p.start().unwrap();
+/// p.join().unwrap();
+/// assert_eq!(p.exitcode(), Some(0));
+/// ```
+pub trait Worker: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The child's body.
+    fn run(self);
+}
+
+fn run_worker<W: Worker>(w: W) {
+    w.run()
+}
+
+impl Process {
+    /// A process that calls `worker.run()` in the child.
+    pub fn from_worker<W: Worker>(worker: W) -> Process {
+        Process::new(run_worker::<W>, worker)
+    }
+}
