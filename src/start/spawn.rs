@@ -24,7 +24,9 @@ static EXECUTABLE: std::sync::Mutex<Option<CString>> = std::sync::Mutex::new(Non
 /// Python's `set_executable`: the binary that spawn children and the fork server re-execute.
 pub(crate) fn set_executable(path: Option<&std::path::Path>) -> Result<()> {
     let c = match path {
-        Some(p) => Some(CString::new(p.as_os_str().as_bytes()).map_err(|e| Error::arg(e.to_string()))?),
+        Some(p) => {
+            Some(CString::new(p.as_os_str().as_bytes()).map_err(|e| Error::arg(e.to_string()))?)
+        }
         None => None,
     };
     *EXECUTABLE.lock().unwrap_or_else(|p| p.into_inner()) = c;
@@ -114,7 +116,10 @@ fn take_fd_var(var: &str) -> Option<OwnedFd> {
     // SAFETY: the parent put this descriptor here for us alone; we take ownership of it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if platform::set_cloexec(fd.as_fd(), true).is_err() {
-        eprintln!("multiproc: {var} names descriptor {} which is not open", fd.as_raw_fd());
+        eprintln!(
+            "multiproc: {var} names descriptor {} which is not open",
+            fd.as_raw_fd()
+        );
         std::mem::forget(fd);
         platform::exit_now(child::EXIT_REFUSED);
     }
