@@ -332,15 +332,26 @@ fn ensure_exit_handler() {
 
 /// Hands a still-running child to the background reaper, which reaps it when it ends.
 fn hand_to_reaper(c: Arc<ChildProc>) {
-    static REAPER: Mutex<Option<std::sync::mpsc::Sender<Arc<ChildProc>>>> = Mutex::new(None);
+    // The sender is tagged with the pid that started the reaper thread: a forked copy of this
+    // process has the sender but not the thread, and must start its own.
+    type Reaper = (u32, std::sync::mpsc::Sender<Arc<ChildProc>>);
+    static REAPER: Mutex<Option<Reaper>> = Mutex::new(None);
+    let me = platform::getpid();
     let mut tx = REAPER.lock().unwrap_or_else(|p| p.into_inner());
-    let owner_ok = tx.as_ref().is_some_and(|s| s.send(Arc::clone(&c)).is_ok());
-    if owner_ok {
+    let sent = tx
+        .as_ref()
+        .is_some_and(|(owner, s)| *owner == me && s.send(Arc::clone(&c)).is_ok());
+    if sent {
         return;
+    }
+    if let Some(old) = tx.take() {
+        // Not ours (inherited through fork): its receiver has no thread here; leak it rather
+        // than run destructors on state copied from another process.
+        std::mem::forget(old);
     }
     let (s, r) = std::sync::mpsc::channel::<Arc<ChildProc>>();
     let _ = s.send(c);
-    *tx = Some(s);
+    *tx = Some((me, s));
     let spawned = std::thread::Builder::new()
         .name("multiproc-reaper".into())
         .spawn(move || {
