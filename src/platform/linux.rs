@@ -899,3 +899,89 @@ impl RawRobustMutex {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helper processes that outlive their creator (the shared-memory tracker)
+// ---------------------------------------------------------------------------------------------
+
+/// Starts this executable again as a detached helper: a double fork (the helper is reparented
+/// to init or the nearest subreaper, so it is nobody's zombie and outlives a SIGKILLed caller)
+/// then `execve("/proc/self/exe")` with `var=<fd>` in the environment and `fd` inherited (the
+/// only descriptor it inherits). `env` is the rest of the environment, `KEY=VALUE` strings.
+/// Waits for the intermediate child, so it returns once the helper exists.
+pub(crate) fn spawn_detached_self(var: &str, fd: BorrowedFd<'_>, env: &[String]) -> Result<()> {
+    use std::ffi::CString;
+    let exe = c"/proc/self/exe";
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "multiproc-helper".into());
+    let argv0 = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(argv0.as_os_str()))
+        .map_err(|e| Error::arg(e.to_string()))?;
+    let mut envs: Vec<CString> = env
+        .iter()
+        .filter_map(|kv| CString::new(kv.as_bytes()).ok())
+        .collect();
+    envs.push(
+        CString::new(format!("{var}={}", fd.as_raw_fd())).map_err(|e| Error::arg(e.to_string()))?,
+    );
+    let argv = [argv0.as_ptr(), std::ptr::null()];
+    let envp: Vec<*const libc::c_char> = envs
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let raw = fd.as_raw_fd();
+    // SAFETY: between fork and execve/_exit the children only call fork, fcntl, setsid, execve
+    // and _exit (all async-signal-safe) on data allocated before the first fork.
+    match unsafe { fork() }? {
+        Forked::Child => {
+            // SAFETY: as above.
+            if let Ok(Forked::Child) = unsafe { fork() } {
+                // SAFETY: fcntl on an inherited descriptor with integer arguments; setsid has
+                // no arguments (a new session: terminal signals for the program's group do
+                // not reach the helper).
+                unsafe {
+                    let flags = libc::fcntl(raw, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    }
+                    libc::setsid();
+                }
+                let _ = execve(exe, &argv, &envp);
+                exit_now(127);
+            }
+            exit_now(0)
+        }
+        Forked::Parent(pid) => match reap_pid(pid) {
+            Some(ExitStatus::Exited(0)) => Ok(()),
+            other => Err(Error::state(format!(
+                "could not start a helper process (intermediate child ended with {other:?})"
+            ))),
+        },
+    }
+}
+
+/// Ignores the given signals (a helper that must survive `SIGINT`/`SIGTERM` sent to the
+/// program's process group and end only when its work is done).
+pub(crate) fn ignore_signals(sigs: &[i32]) {
+    for &sig in sigs {
+        // SAFETY: SIG_IGN is always a valid disposition.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
+/// Takes ownership of a descriptor number inherited through the environment, making it
+/// close-on-exec; `None` if it is not open.
+pub(crate) fn fd_from_env(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fcntl(F_GETFD) on an integer only queries; it fails with EBADF if not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the parent put this descriptor here for this process alone; we take it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(fd.as_fd_ref(), true).ok()?;
+    Some(fd)
+}
