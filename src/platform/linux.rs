@@ -100,10 +100,21 @@ pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
         set_tid_size: u64,
         cgroup: u64,
     }
+    // A raw clone skips what glibc's fork does in the child: the kernel must write the child's
+    // tid into glibc's cached thread id (else every child of the fork server owns pthread
+    // mutexes under the server's tid), and the child must register glibc's robust-mutex list
+    // (else mutexes it holds are not released when it dies). See `sibling_glibc_state`.
+    let (tid_addr, robust) = sibling_glibc_state();
     let mut args = CloneArgs {
         // With CLONE_PARENT the kernel refuses an exit signal: the child inherits the caller's
         // (SIGCHLD for a process started by fork), which is what its new parent expects.
-        flags: libc::CLONE_PARENT as u64,
+        flags: libc::CLONE_PARENT as u64
+            | if tid_addr != 0 {
+                (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64
+            } else {
+                0
+            },
+        child_tid: tid_addr,
         ..Default::default()
     };
     // SAFETY: clone3 with no stack behaves like fork (the child resumes on a copy of this
@@ -117,9 +128,40 @@ pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
     };
     match r {
         -1 => Err(Error::last_os()),
-        0 => Ok(Forked::Child),
+        0 => {
+            if let Some((head, len)) = robust {
+                // SAFETY: head is glibc's robust-list head of this (only) thread, at the same
+                // address in the child's copy of the memory; set_robust_list only records it.
+                unsafe { libc::syscall(libc::SYS_set_robust_list, head, len) };
+            }
+            Ok(Forked::Child)
+        }
         p => Ok(Forked::Parent(p as u32)),
     }
+}
+
+/// What [`fork_as_sibling`] needs to redo glibc's post-fork bookkeeping: the address of the
+/// calling thread's cached tid (the kernel's `clear_child_tid`, which glibc points there) and
+/// its robust-list head. Zero / `None` when the kernel does not tell.
+fn sibling_glibc_state() -> (u64, Option<(usize, usize)>) {
+    let mut tid_addr: usize = 0;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
+    let r = unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &mut tid_addr as *mut usize) };
+    let tid_addr = if r == 0 { tid_addr as u64 } else { 0 };
+    let mut head: usize = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list(0 = this thread) writes a pointer and a length to valid
+    // out-pointers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut usize,
+            &mut len as *mut usize,
+        )
+    };
+    let robust = (r == 0 && head != 0).then_some((head, len));
+    (tid_addr, robust)
 }
 
 /// Ends the calling process at once, without running `atexit` handlers or destructors: what a
