@@ -317,6 +317,17 @@ mod tracker {
     /// The tracker's life: collect names until every client is gone, then unlink the rest.
     fn run(fd: OwnedFd) -> ! {
         platform::ignore_signals(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGPIPE]);
+        // Hold no terminal or capture pipe open (a test harness waits for EOF on those).
+        if let Ok(null) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+        {
+            use std::os::fd::AsRawFd;
+            for target in 0..3 {
+                let _ = platform::dup2(null.as_raw_fd(), target);
+            }
+        }
         let mut names: HashSet<String> = HashSet::new();
         let mut pending = Vec::new();
         let mut file = std::fs::File::from(fd);

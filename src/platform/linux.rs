@@ -1027,3 +1027,22 @@ pub(crate) fn fd_from_env(fd: RawFd) -> Option<OwnedFd> {
     set_cloexec(fd.as_fd_ref(), true).ok()?;
     Some(fd)
 }
+
+impl RawRobustMutex {
+    /// A racy hint that the mutex is held, read without writing the cache line (for spinning
+    /// before a `try_lock`). glibc keeps the owner's tid in `__data.__lock`, the first `int` of
+    /// `pthread_mutex_t`; elsewhere the hint is always "free" (spinners just `try_lock`).
+    pub(crate) fn is_locked_hint(&self) -> bool {
+        #[cfg(target_env = "gnu")]
+        {
+            // SAFETY: the first field of glibc's pthread_mutex_t is an aligned int that glibc
+            // only modifies atomically; a relaxed atomic load of it is a plain read.
+            let word = unsafe { &*(self.0.get() as *const std::sync::atomic::AtomicI32) };
+            word.load(std::sync::atomic::Ordering::Relaxed) != 0
+        }
+        #[cfg(not(target_env = "gnu"))]
+        {
+            false
+        }
+    }
+}

@@ -18,10 +18,6 @@ use crate::platform;
 
 const LEN: usize = 64;
 
-/// Polls of the flag before sleeping: a `set` from another core usually lands within a
-/// microsecond, cheaper than a futex sleep and wake-up.
-const SPIN: u32 = 200;
-
 /// A process-shared flag that processes can wait for (Python's `multiprocessing.Event`).
 ///
 /// ```
@@ -97,12 +93,6 @@ impl Event {
     }
 
     fn wait_opt(&self, timeout: Option<Duration>) -> bool {
-        for _ in 0..SPIN {
-            if self.is_set() {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
         let deadline = Deadline::after(timeout);
         loop {
             if self.is_set() {
