@@ -304,6 +304,9 @@ mod tracker {
     }
 
     fn start() -> Result<OwnedFd> {
+        // The helper is this executable entering through ON_LOAD: keep a reference to it so
+        // that no linker drops the `.init_array` entry of an otherwise unreferenced object.
+        std::hint::black_box(&ON_LOAD);
         let (read, write) = platform::pipe()?;
         let env: Vec<String> = std::env::vars_os()
             .filter(|(k, _)| !k.to_string_lossy().starts_with("__MULTIPROC_"))

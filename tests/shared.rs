@@ -254,12 +254,16 @@ fn thousand_create_drop_cycles_leave_dev_shm_as_it_was() {
         drop(o);
         drop(s);
     }
+    let mut fresh = Vec::new();
     for _ in 0..10 {
-        drop(SharedMemory::new(100).unwrap());
+        let s = SharedMemory::new(100).unwrap();
+        assert!(shm_exists(s.name()));
+        fresh.push(s.name().to_string());
     }
     assert!(shm_names_with_prefix(&prefix).is_empty());
-    let mine = format!("psm_{:08x}_", std::process::id());
-    assert!(shm_names_with_prefix(&mine).is_empty());
+    for n in fresh {
+        assert!(!shm_exists(&n), "{n} left behind");
+    }
 }
 
 fn attach_write_exit(shm: SharedMemory) {

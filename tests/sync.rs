@@ -452,3 +452,39 @@ fn every_wait_times_out() {
     p.kill().unwrap();
     p.join().unwrap();
 }
+
+fn notify_then_die_holding((cond, holding): (Condition, Event)) {
+    let _g = cond.acquire().unwrap();
+    cond.notify_all();
+    holding.set();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn condition_wait_learns_that_the_lock_holder_died() {
+    let cond = Condition::new().unwrap();
+    let holding = Event::new().unwrap();
+    let mut g = cond.acquire().unwrap();
+    let mut p = Process::new(notify_then_die_holding, (cond.clone(), holding.clone()))
+        .context(get_context(StartMethod::ForkServer));
+    p.start().unwrap();
+    let pid = p.pid().unwrap();
+    // The child can only take the lock once our wait releases it; then it notifies (so our
+    // wait ends and we block re-taking the lock) and dies holding it.
+    let killer = std::thread::spawn(move || {
+        let ok = holding.wait_timeout(LONG);
+        // SAFETY: kill(2) on the pid of our own unreaped child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        ok
+    });
+    let r = cond.wait_timeout(&mut g, LONG);
+    assert!(killer.join().unwrap(), "child never held the lock");
+    assert!(matches!(r, Err(Error::OwnerDied)), "{r:?}");
+    assert!(g.owner_died(), "the guard is held and marked");
+    g.mark_consistent();
+    drop(g);
+    assert!(cond.acquire().is_ok());
+    p.join().unwrap();
+}
