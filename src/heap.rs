@@ -7,9 +7,13 @@
 //!
 //! # Layout and invariants
 //! * Bytes `0..8` hold a magic number naming the kind of object (`kind`), written by the creator
-//!   before the segment is shared; bytes `8..16` hold the payload length, bytes `16..24` a tag of the element type for `Value`/`Array`. A handle received
-//!   from another process checks both, so a descriptor for a `Semaphore` can never be mapped as
-//!   a `Lock` (postcard carries no type tags).
+//!   before the segment is shared; bytes `8..16` hold the payload length; bytes `16..24` a tag
+//!   of the element type for `Value`/`Array`. A handle received from another process checks
+//!   them, so a descriptor for a `Semaphore` can never be mapped as a `Lock`, nor a
+//!   `Value<u32>` as a `Value<f32>` (postcard carries no type tags).
+//! * Every segment is one page or more: one object per memfd costs a descriptor and a page per
+//!   object (a `Value` is two: the value and its lock). Programs that need millions of shared
+//!   values should use one `Array`.
 //! * The payload starts at [`HEADER`] (64 bytes, a cache line) and is zero-filled at creation.
 //! * A [`Segment`] owns its descriptor and its mapping; handles share one through an `Arc`, and
 //!   it serializes as that descriptor ([`crate::codec::serialize_fd`]).

@@ -636,6 +636,37 @@ mod tests {
         assert_ne!(tag_of::<[u8; 4]>(), tag_of::<u32>());
     }
 
+    /// Sends `v` through the codec as another process would receive it, decoding it as `U`.
+    fn round_trip<V: Serialize, U: serde::de::DeserializeOwned>(v: &V) -> Result<U> {
+        let mut bytes = Vec::new();
+        let fds = crate::codec::encode_into(v, &mut bytes)?;
+        let owned = fds
+            .iter()
+            .map(|&fd| {
+                // SAFETY: fd belongs to `v`, alive for this call; only borrowed to dup it.
+                let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                crate::platform::dup(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        crate::codec::decode(&bytes, owned)
+    }
+
+    #[test]
+    fn handles_decode_only_as_their_own_type() {
+        let v = RawValue::new(7u32).unwrap();
+        let same: RawValue<u32> = round_trip(&v).unwrap();
+        same.set(8);
+        assert_eq!(v.get(), 8);
+        assert!(round_trip::<_, RawValue<f32>>(&v).is_err());
+        assert!(round_trip::<_, RawValue<u64>>(&v).is_err());
+        assert!(round_trip::<_, RawArray<u32>>(&v).is_err());
+        let a = Array::from_slice(&[1u16, 2, 3]).unwrap();
+        let b: Array<u16> = round_trip(&a).unwrap();
+        assert_eq!(b.to_vec().unwrap(), vec![1, 2, 3]);
+        assert!(round_trip::<_, Array<i16>>(&a).is_err());
+        assert!(round_trip::<_, Value<u16>>(&a).is_err());
+    }
+
     #[test]
     fn zero_length_array() {
         let a = RawArray::<u64>::new(0).unwrap();

@@ -488,3 +488,96 @@ fn condition_wait_learns_that_the_lock_holder_died() {
     assert!(cond.acquire().is_ok());
     p.join().unwrap();
 }
+
+fn hold_rlock_forever((lock, holding): (RLock, Event)) {
+    let _a = lock.acquire().unwrap();
+    let _b = lock.acquire().unwrap();
+    holding.set();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn rlock_with_a_killed_holder_reports_owner_died() {
+    let lock = RLock::new().unwrap();
+    let holding = Event::new().unwrap();
+    let mut p = Process::new(hold_rlock_forever, (lock.clone(), holding.clone()))
+        .context(get_context(StartMethod::Spawn));
+    p.start().unwrap();
+    assert!(holding.wait_timeout(LONG));
+    p.kill().unwrap();
+    match lock.acquire_timeout(Duration::from_secs(1)) {
+        Err(LockError::OwnerDied(mut g)) => g.mark_consistent(),
+        other => panic!("expected OwnerDied, got {other:?}"),
+    }
+    assert!(lock.acquire_timeout(LONG).is_ok());
+    p.join().unwrap();
+}
+
+#[test]
+fn a_thread_that_exits_holding_a_lock_is_a_dead_owner_too() {
+    let lock = Lock::new().unwrap();
+    let l2 = lock.clone();
+    std::thread::spawn(move || std::mem::forget(l2.acquire().unwrap()))
+        .join()
+        .unwrap();
+    assert!(matches!(
+        lock.acquire_timeout(Duration::from_secs(1)),
+        Err(LockError::OwnerDied(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stress: many generations / rounds, where a lost wake-up would show as a timeout
+// ---------------------------------------------------------------------------------------------
+
+fn barrier_rounds((b, rounds): (Barrier, u32)) -> u64 {
+    (0..rounds)
+        .map(|_| b.wait_timeout(LONG).unwrap() as u64)
+        .sum()
+}
+
+#[test]
+fn barrier_many_generations_across_processes() {
+    let ctx = get_context(StartMethod::ForkServer);
+    let rounds = 300;
+    let b = Barrier::new(4).unwrap();
+    let hs: Vec<_> = (0..3)
+        .map(|_| spawn_in(ctx, barrier_rounds, (b.clone(), rounds)).unwrap())
+        .collect();
+    let mut total = barrier_rounds((b.clone(), rounds));
+    for h in hs {
+        total += h.join().unwrap();
+    }
+    // Each generation hands out 0 + 1 + 2 + 3.
+    assert_eq!(total, 6 * rounds as u64);
+    assert!(!b.broken());
+}
+
+/// Takes turns with the parent: waits for `turn == me`, passes it to the other side.
+fn cond_turns((cond, turn, me, rounds): (Condition, RawValue<u32>, u32, u32)) -> bool {
+    for _ in 0..rounds {
+        let mut g = cond.acquire().unwrap();
+        if !cond
+            .wait_for(&mut g, Some(LONG), || turn.get() == me)
+            .unwrap()
+        {
+            return false;
+        }
+        turn.set(1 - me);
+        cond.notify_all();
+    }
+    true
+}
+
+#[test]
+fn condition_ping_pong_never_loses_a_notify() {
+    let ctx = get_context(StartMethod::Fork);
+    let cond = Condition::new().unwrap();
+    let turn = RawValue::new(0u32).unwrap();
+    let rounds = 500;
+    let h = spawn_in(ctx, cond_turns, (cond.clone(), turn.clone(), 1, rounds)).unwrap();
+    assert!(cond_turns((cond, turn, 0, rounds)));
+    assert!(h.join().unwrap());
+}
