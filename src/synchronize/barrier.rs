@@ -491,4 +491,104 @@ mod tests {
         assert_eq!(s.time_out(0), Check::Passed);
         assert!(!s.broken());
     }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Arrive,
+            Abort,
+            Reset,
+            /// The k-th waiter still waiting (modulo their number) times out.
+            TimeOut(usize),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => Just(Op::Arrive),
+                1 => Just(Op::Abort),
+                1 => Just(Op::Reset),
+                1 => any::<usize>().prop_map(Op::TimeOut),
+            ]
+        }
+
+        proptest! {
+            /// Against a direct model: every waiter's outcome is its generation's (tripped
+            /// means passed; reset, abort or a timeout in it means broken), indices within a
+            /// generation are 0, 1, 2, ..., and the count never reaches `parties`.
+            #[test]
+            fn matches_the_model(parties in 1u32..5, ops in prop::collection::vec(op(), 0..400)) {
+                let mut s = State::new(parties);
+                // generation -> Some(true) tripped, Some(false) broken/reset, None running.
+                let mut ended: HashMap<u32, bool> = HashMap::new();
+                let mut broken = false;
+                let mut cur = 0u32;
+                let mut next_index = 0u32;
+                let mut waiting: Vec<u32> = Vec::new(); // generations of live waiters
+                for o in ops {
+                    match o {
+                        Op::Arrive => match s.arrive() {
+                            Arrival::Broken => prop_assert!(broken),
+                            Arrival::Trip { index } => {
+                                prop_assert!(!broken);
+                                prop_assert_eq!(index, next_index);
+                                prop_assert_eq!(index + 1, parties);
+                                ended.insert(cur, true);
+                                cur += 1;
+                                next_index = 0;
+                            }
+                            Arrival::Wait { generation, index } => {
+                                prop_assert!(!broken);
+                                prop_assert_eq!(generation, cur);
+                                prop_assert_eq!(index, next_index);
+                                next_index += 1;
+                                waiting.push(generation);
+                            }
+                        },
+                        Op::Abort => {
+                            s.abort();
+                            broken = true;
+                        }
+                        Op::Reset => {
+                            s.reset();
+                            ended.insert(cur, false);
+                            cur += 1;
+                            next_index = 0;
+                            broken = false;
+                        }
+                        Op::TimeOut(k) => {
+                            if !waiting.is_empty() {
+                                let g = waiting.remove(k % waiting.len());
+                                let c = s.time_out(g);
+                                match ended.get(&g) {
+                                    Some(true) => prop_assert_eq!(c, Check::Passed),
+                                    Some(false) => prop_assert_eq!(c, Check::Broken),
+                                    None => {
+                                        prop_assert_eq!(c, Check::Broken);
+                                        broken = true;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    // The outcome is remembered for the last 64 generations only.
+                    waiting.retain(|&g| cur - g < 64);
+                    prop_assert!(s.broken() || s.n_waiting() < parties);
+                    prop_assert_eq!(s.broken(), broken);
+                    for &g in &waiting {
+                        let want = match ended.get(&g) {
+                            Some(true) => Check::Passed,
+                            Some(false) => Check::Broken,
+                            None if broken => Check::Broken,
+                            None => Check::Pending,
+                        };
+                        prop_assert_eq!(s.check(g), want);
+                    }
+                }
+            }
+        }
+    }
 }
