@@ -15,7 +15,7 @@
 //! # Handles inside values
 //! Some values are *handles* to kernel objects: a [`Connection`](crate::Connection), a lock or a
 //! queue in shared memory. They serialize by pushing their descriptor into the current
-//! [`Encoded::fds`] list (see [`serialize_fd`]) and writing its index; the transport sends the
+//! list of descriptors that [`encode_into`] returns (see [`serialize_fd`]) and writing its index; the transport sends the
 //! descriptors along (`SCM_RIGHTS` on a Unix socket) and the receiver's [`decode`] hands them back
 //! to [`deserialize_fd`] by index. Serializing a handle outside [`encode`] is an error, not a
 //! dangling number.
@@ -28,26 +28,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
 
-/// An encoded value: its bytes and the descriptors its handles refer to.
-///
-/// The descriptors are borrowed from the value that was encoded: they stay valid as long as
-/// that value lives, which is as long as the send that encoded it.
-#[derive(Debug, Default)]
-pub(crate) struct Encoded {
-    pub(crate) bytes: Vec<u8>,
-    pub(crate) fds: Vec<RawFd>,
-}
-
 thread_local! {
     static OUT_FDS: RefCell<Option<Vec<RawFd>>> = const { RefCell::new(None) };
     static IN_FDS: RefCell<Option<Vec<Option<OwnedFd>>>> = const { RefCell::new(None) };
-}
-
-/// Serializes `v`, collecting the descriptors of any handles inside it.
-pub(crate) fn encode<T: Serialize + ?Sized>(v: &T) -> Result<Encoded> {
-    let mut bytes = Vec::new();
-    let fds = encode_into(v, &mut bytes)?;
-    Ok(Encoded { bytes, fds })
 }
 
 /// Serializes `v`, appending to `out` (which may already hold a header). Returns the
@@ -136,22 +119,23 @@ mod tests {
             b: "x".into(),
             c: vec![-1, 2, 3],
         };
-        let e = encode(&v).unwrap();
-        assert!(e.fds.is_empty());
-        let back: Plain = decode_plain(&e.bytes).unwrap();
+        let mut bytes = Vec::new();
+        assert!(encode_into(&v, &mut bytes).unwrap().is_empty());
+        let back: Plain = decode_plain(&bytes).unwrap();
         assert_eq!(back, v);
     }
 
     #[test]
     fn truncated_input_is_an_error() {
-        let e = encode(&Plain {
+        let mut bytes = Vec::new();
+        let plain = Plain {
             a: 1,
             b: "hello".into(),
             c: vec![1, 2],
-        })
-        .unwrap();
-        for cut in 0..e.bytes.len() {
-            assert!(decode_plain::<Plain>(&e.bytes[..cut]).is_err());
+        };
+        encode_into(&plain, &mut bytes).unwrap();
+        for cut in 0..bytes.len() {
+            assert!(decode_plain::<Plain>(&bytes[..cut]).is_err());
         }
     }
 
@@ -166,7 +150,7 @@ mod tests {
             }
         }
         assert!(postcard::to_stdvec(&H).is_err());
-        let e = encode(&H).unwrap();
-        assert_eq!(e.fds, vec![0]);
+        let mut bytes = Vec::new();
+        assert_eq!(encode_into(&H, &mut bytes).unwrap(), vec![0]);
     }
 }

@@ -26,14 +26,20 @@
 
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench_support;
 mod codec;
 pub mod context;
 pub mod error;
 mod frame;
 mod function;
+mod heap;
 mod platform;
 pub mod process;
+pub mod shared_memory;
+pub mod sharedctypes;
 mod start;
+pub mod synchronize;
 
 pub use context::{
     Context, StartMethod, get_all_start_methods, get_context, get_start_method, set_start_method,
@@ -45,7 +51,13 @@ pub use process::{
     cpu_count, current_process, parent_process, process_cpu_count, spawn, spawn_in,
 };
 pub use serde_bytes;
+pub use shared_memory::SharedMemory;
+pub use sharedctypes::{Array, ArrayGuard, Pod, RawArray, RawValue, Value, ValueGuard};
 pub use start::set_executable;
+pub use synchronize::{
+    Barrier, BoundedSemaphore, Condition, Event, Lock, LockError, LockGuard, LockResult, RLock,
+    RLockGuard, Semaphore, SemaphoreGuard,
+};
 
 /// Call first in `main`. In a child process started by `multiproc` it does that child's job and
 /// never returns (normally that already happened before `main`); in the main process it starts

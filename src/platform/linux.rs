@@ -100,10 +100,21 @@ pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
         set_tid_size: u64,
         cgroup: u64,
     }
+    // A raw clone skips what glibc's fork does in the child: the kernel must write the child's
+    // tid into glibc's cached thread id (else every child of the fork server owns pthread
+    // mutexes under the server's tid), and the child must register glibc's robust-mutex list
+    // (else mutexes it holds are not released when it dies). See `sibling_glibc_state`.
+    let (tid_addr, robust) = sibling_glibc_state();
     let mut args = CloneArgs {
         // With CLONE_PARENT the kernel refuses an exit signal: the child inherits the caller's
         // (SIGCHLD for a process started by fork), which is what its new parent expects.
-        flags: libc::CLONE_PARENT as u64,
+        flags: libc::CLONE_PARENT as u64
+            | if tid_addr != 0 {
+                (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64
+            } else {
+                0
+            },
+        child_tid: tid_addr,
         ..Default::default()
     };
     // SAFETY: clone3 with no stack behaves like fork (the child resumes on a copy of this
@@ -117,9 +128,40 @@ pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
     };
     match r {
         -1 => Err(Error::last_os()),
-        0 => Ok(Forked::Child),
+        0 => {
+            if let Some((head, len)) = robust {
+                // SAFETY: head is glibc's robust-list head of this (only) thread, at the same
+                // address in the child's copy of the memory; set_robust_list only records it.
+                unsafe { libc::syscall(libc::SYS_set_robust_list, head, len) };
+            }
+            Ok(Forked::Child)
+        }
         p => Ok(Forked::Parent(p as u32)),
     }
+}
+
+/// What [`fork_as_sibling`] needs to redo glibc's post-fork bookkeeping: the address of the
+/// calling thread's cached tid (the kernel's `clear_child_tid`, which glibc points there) and
+/// its robust-list head. Zero / `None` when the kernel does not tell.
+fn sibling_glibc_state() -> (u64, Option<(usize, usize)>) {
+    let mut tid_addr: usize = 0;
+    // SAFETY: PR_GET_TID_ADDRESS writes one pointer to the address given.
+    let r = unsafe { libc::prctl(libc::PR_GET_TID_ADDRESS, &mut tid_addr as *mut usize) };
+    let tid_addr = if r == 0 { tid_addr as u64 } else { 0 };
+    let mut head: usize = 0;
+    let mut len: usize = 0;
+    // SAFETY: get_robust_list(0 = this thread) writes a pointer and a length to valid
+    // out-pointers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut head as *mut usize,
+            &mut len as *mut usize,
+        )
+    };
+    let robust = (r == 0 && head != 0).then_some((head, len));
+    (tid_addr, robust)
 }
 
 /// Ends the calling process at once, without running `atexit` handlers or destructors: what a
@@ -897,6 +939,111 @@ impl RawRobustMutex {
             0 => Ok(()),
             libc::EPERM => Err(Error::state("unlock of a lock this thread does not hold")),
             e => Err(io::Error::from_raw_os_error(e).into()),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helper processes that outlive their creator (the shared-memory tracker)
+// ---------------------------------------------------------------------------------------------
+
+/// Starts this executable again as a detached helper: a double fork (the helper is reparented
+/// to init or the nearest subreaper, so it is nobody's zombie and outlives a SIGKILLed caller)
+/// then `execve("/proc/self/exe")` with `var=<fd>` in the environment and `fd` inherited (the
+/// only descriptor it inherits). `env` is the rest of the environment, `KEY=VALUE` strings.
+/// Waits for the intermediate child, so it returns once the helper exists.
+pub(crate) fn spawn_detached_self(var: &str, fd: BorrowedFd<'_>, env: &[String]) -> Result<()> {
+    use std::ffi::CString;
+    let exe = c"/proc/self/exe";
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "multiproc-helper".into());
+    let argv0 = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(argv0.as_os_str()))
+        .map_err(|e| Error::arg(e.to_string()))?;
+    let mut envs: Vec<CString> = env
+        .iter()
+        .filter_map(|kv| CString::new(kv.as_bytes()).ok())
+        .collect();
+    envs.push(
+        CString::new(format!("{var}={}", fd.as_raw_fd())).map_err(|e| Error::arg(e.to_string()))?,
+    );
+    let argv = [argv0.as_ptr(), std::ptr::null()];
+    let envp: Vec<*const libc::c_char> = envs
+        .iter()
+        .map(|c| c.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let raw = fd.as_raw_fd();
+    // SAFETY: between fork and execve/_exit the children only call fork, fcntl, setsid, execve
+    // and _exit (all async-signal-safe) on data allocated before the first fork.
+    match unsafe { fork() }? {
+        Forked::Child => {
+            // SAFETY: as above.
+            if let Ok(Forked::Child) = unsafe { fork() } {
+                // SAFETY: fcntl on an inherited descriptor with integer arguments; setsid has
+                // no arguments (a new session: terminal signals for the program's group do
+                // not reach the helper).
+                unsafe {
+                    let flags = libc::fcntl(raw, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    }
+                    libc::setsid();
+                }
+                let _ = execve(exe, &argv, &envp);
+                exit_now(127);
+            }
+            exit_now(0)
+        }
+        Forked::Parent(pid) => match reap_pid(pid) {
+            Some(ExitStatus::Exited(0)) => Ok(()),
+            other => Err(Error::state(format!(
+                "could not start a helper process (intermediate child ended with {other:?})"
+            ))),
+        },
+    }
+}
+
+/// Ignores the given signals (a helper that must survive `SIGINT`/`SIGTERM` sent to the
+/// program's process group and end only when its work is done).
+pub(crate) fn ignore_signals(sigs: &[i32]) {
+    for &sig in sigs {
+        // SAFETY: SIG_IGN is always a valid disposition.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
+/// Takes ownership of a descriptor number inherited through the environment, making it
+/// close-on-exec; `None` if it is not open.
+pub(crate) fn fd_from_env(fd: RawFd) -> Option<OwnedFd> {
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fcntl(F_GETFD) on an integer only queries; it fails with EBADF if not open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: the parent put this descriptor here for this process alone; we take it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(fd.as_fd_ref(), true).ok()?;
+    Some(fd)
+}
+
+impl RawRobustMutex {
+    /// A racy hint that the mutex is held, read without writing the cache line (for spinning
+    /// before a `try_lock`). glibc keeps the owner's tid in `__data.__lock`, the first `int` of
+    /// `pthread_mutex_t`; elsewhere the hint is always "free" (spinners just `try_lock`).
+    pub(crate) fn is_locked_hint(&self) -> bool {
+        #[cfg(target_env = "gnu")]
+        {
+            // SAFETY: the first field of glibc's pthread_mutex_t is an aligned int that glibc
+            // only modifies atomically; a relaxed atomic load of it is a plain read.
+            let word = unsafe { &*(self.0.get() as *const std::sync::atomic::AtomicI32) };
+            word.load(std::sync::atomic::Ordering::Relaxed) != 0
+        }
+        #[cfg(not(target_env = "gnu"))]
+        {
+            false
         }
     }
 }
