@@ -12,6 +12,9 @@ use crate::parallel;
 /// starting a process per block costs nothing next to the work.
 const BLOCKS_PER_WORKER: usize = 8;
 
+/// Blocks of `multiproc pi` (more when there are more workers).
+const PI_BLOCKS: usize = 64;
+
 /// Arguments of `multiproc primes`.
 #[derive(Args, Debug)]
 pub struct PrimesArgs {
@@ -149,7 +152,9 @@ pub fn pi(a: &PiArgs) -> Result<(), String> {
         return Err("--samples must be at least 1".into());
     }
     let workers = workers_or_default(a.workers)?;
-    let inputs = workloads::pi_blocks(a.samples, workers * BLOCKS_PER_WORKER);
+    // A fixed number of blocks (seeded by index) makes the estimate depend on the samples only,
+    // not on how many processes draw them.
+    let inputs = workloads::pi_blocks(a.samples, PI_BLOCKS.max(workers));
     let c = compare(workloads::pi_hits, inputs, workers)?;
     let pi = 4.0 * c.result as f64 / a.samples as f64;
     let err = pi - std::f64::consts::PI;

@@ -220,3 +220,25 @@ pub fn memcpy_bandwidth(size: usize, n: usize) -> f64 {
     }
     (size.max(1) * n.max(1)) as f64 / t.elapsed().as_secs_f64()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Functional checks only: each limit runs and reports a sane figure (no timing asserted).
+
+    #[test]
+    fn fork_and_exec_limits_run_their_children_cleanly() {
+        assert!(fork_wait(3).unwrap() > 0.0);
+        // The exec'd copy of this test binary exits from the .init_array hook with 0.
+        assert!(fork_exec_wait(2).unwrap() > 0.0);
+    }
+
+    #[test]
+    fn pipe_limits_move_every_byte() {
+        assert!(pipe_rtt(10).unwrap() > 0.0);
+        assert!(pipe_stream(1000, 8).unwrap() > 0.0);
+        assert!(pipe_stream(3, 100_000).unwrap() > 0.0);
+        assert!(memcpy_bandwidth(4096, 10) > 0.0);
+    }
+}
