@@ -3,7 +3,8 @@
 //! Each row is one [`Row`] registration in [`rows::ROWS`]: an id, a unit, whether higher is
 //! better, and three measurements taken in the same run: the crate's (`multiproc`), Python's
 //! `multiprocessing` (a script from `bench/python/`, run with `python3` when present) and the
-//! raw limit (the same operation with bare system calls). A side that does not exist yet
+//! raw limit (the same operation with bare system calls). The crate's side and the limit are
+//! sampled in alternation, a warm-up and three rounds, and each figure is a median of three. A side that does not exist yet
 //! returns `Ok(None)` and prints `n/a` (JSON `null`); a side that fails prints a warning on
 //! standard error and `n/a`, and the command exits non-zero at the end if a `multiproc` or
 //! limit side failed (Python's failures are only warnings: its set-up varies between machines).
@@ -69,12 +70,50 @@ pub struct Row {
     pub unit: &'static str,
     /// Whether a higher figure is better (throughputs) or lower (latencies, times, memory).
     pub higher_is_better: bool,
-    /// The crate's figure.
+    /// One sample of the crate's figure (the runner takes the median of three, see [`paired`]).
     pub multiproc: Measure,
-    /// Python's `multiprocessing` figure.
+    /// Python's `multiprocessing` figure (its script takes its own median of three).
     pub python: Measure,
-    /// The raw limit.
+    /// One sample of the raw limit.
     pub limit: Measure,
+}
+
+/// The crate's side and the limit of `row`: a warm-up round, then three rounds, each taking
+/// one sample of the crate's side and then one of the limit, so that both see the same machine
+/// (these VMs drift); each figure is the median of its three samples. Also says whether a side
+/// failed.
+fn paired(cfg: &Cfg, row: &Row) -> (Option<f64>, Option<f64>, bool) {
+    let mut sides = [
+        ("multiproc", row.multiproc, Some(Vec::new())),
+        ("limit", row.limit, Some(Vec::new())),
+    ];
+    let mut failed = false;
+    for round in 0..4 {
+        for (name, f, samples) in sides.iter_mut() {
+            let Some(v) = samples else { continue };
+            match f(cfg) {
+                Ok(Some(x)) if x.is_finite() => {
+                    if round > 0 {
+                        v.push(x);
+                    }
+                }
+                Ok(Some(x)) => {
+                    eprintln!("multiproc bench: {} ({name}): not a figure: {x}", row.id);
+                    failed = true;
+                    *samples = None;
+                }
+                Ok(None) => *samples = None,
+                Err(e) => {
+                    eprintln!("multiproc bench: {} ({name}): {e}", row.id);
+                    failed = true;
+                    *samples = None;
+                }
+            }
+        }
+    }
+    let [(_, _, m), (_, _, l)] = sides;
+    let med = |v: Option<Vec<f64>>| v.map(multiproc::bench_support::median);
+    (med(m), med(l), failed)
 }
 
 /// The not-yet side of a row.
@@ -116,9 +155,10 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
         quick: a.quick,
         python: Python::find(),
     };
-    if cfg.python.is_none() {
+    if cfg.python.is_none() && !Python::disabled() {
         eprintln!(
-            "multiproc bench: no usable python3 (set MULTIPROC_BENCH_PYTHON): Python column is n/a"
+            "multiproc bench: no usable python3 (MULTIPROC_BENCH_PYTHON names another \
+             interpreter, `none` turns this off): the Python column is n/a"
         );
     }
     if !a.json {
@@ -126,20 +166,22 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
     }
     let mut failed = false;
     for row in selected {
-        let mut side = |name: &str, m: Measure, fatal: bool| match m(&cfg) {
+        let (multiproc, limit, bad) = paired(&cfg, row);
+        failed |= bad;
+        let python = match (row.python)(&cfg) {
             Ok(v) => v.filter(|x| x.is_finite()),
             Err(e) => {
-                eprintln!("multiproc bench: {} ({name}): {e}", row.id);
-                failed |= fatal;
+                // Python's set-up varies between machines: a warning, not a failure.
+                eprintln!("multiproc bench: {} (python): {e}", row.id);
                 None
             }
         };
         let line = Line {
             id: row.id,
             unit: row.unit,
-            multiproc: side("multiproc", row.multiproc, true),
-            python: side("python", row.python, false),
-            limit: side("limit", row.limit, true),
+            multiproc,
+            python,
+            limit,
             higher_is_better: row.higher_is_better,
         };
         if a.json {

@@ -7,18 +7,40 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The scripts, by file name (`common.py` is imported by the others).
+/// The scripts, by file name (`mp_common.py` is imported by the others; the
+/// `mp_` prefix keeps them from shadowing standard modules such as `queue`).
 const SCRIPTS: &[(&str, &str)] = &[
-    ("common.py", include_str!("../../../bench/python/common.py")),
-    ("start.py", include_str!("../../../bench/python/start.py")),
-    ("pipe.py", include_str!("../../../bench/python/pipe.py")),
-    ("primes.py", include_str!("../../../bench/python/primes.py")),
-    ("pool.py", include_str!("../../../bench/python/pool.py")),
-    ("queue.py", include_str!("../../../bench/python/queue.py")),
-    ("value.py", include_str!("../../../bench/python/value.py")),
     (
-        "manager.py",
-        include_str!("../../../bench/python/manager.py"),
+        "mp_common.py",
+        include_str!("../../../bench/python/mp_common.py"),
+    ),
+    (
+        "mp_start.py",
+        include_str!("../../../bench/python/mp_start.py"),
+    ),
+    (
+        "mp_pipe.py",
+        include_str!("../../../bench/python/mp_pipe.py"),
+    ),
+    (
+        "mp_primes.py",
+        include_str!("../../../bench/python/mp_primes.py"),
+    ),
+    (
+        "mp_pool.py",
+        include_str!("../../../bench/python/mp_pool.py"),
+    ),
+    (
+        "mp_queue.py",
+        include_str!("../../../bench/python/mp_queue.py"),
+    ),
+    (
+        "mp_value.py",
+        include_str!("../../../bench/python/mp_value.py"),
+    ),
+    (
+        "mp_manager.py",
+        include_str!("../../../bench/python/mp_manager.py"),
     ),
 ];
 
@@ -35,11 +57,11 @@ impl Python {
     /// The interpreter if it is there and has `multiprocessing`, with the scripts written to a
     /// fresh temporary directory.
     pub fn find() -> Option<Python> {
-        let interpreter =
-            std::env::var("MULTIPROC_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
-        if interpreter.is_empty() || interpreter == "none" {
+        if Python::disabled() {
             return None;
         }
+        let interpreter =
+            std::env::var("MULTIPROC_BENCH_PYTHON").unwrap_or_else(|_| "python3".into());
         let ok = Command::new(&interpreter)
             .args(["-c", "import multiprocessing, json, statistics"])
             .stdin(Stdio::null())
@@ -57,6 +79,11 @@ impl Python {
                 .all(|(name, text)| std::fs::write(dir.join(name), text).is_ok());
         let p = Python { interpreter, dir };
         written.then_some(p)
+    }
+
+    /// Whether `MULTIPROC_BENCH_PYTHON` turns the Python side off (`none` or empty).
+    pub fn disabled() -> bool {
+        std::env::var("MULTIPROC_BENCH_PYTHON").is_ok_and(|v| v.is_empty() || v == "none")
     }
 
     /// Runs `script args...` and parses its figure.

@@ -1,6 +1,8 @@
 //! The rows of the suite, in SPEC's order: one [`Row`] each. To fill a side that is `none`
 //! today, write its function below (in `src/bench_support/` of the library if criterion benches
-//! need it too) and name it in the row.
+//! need it too) and name it in the row. The crate's side and the limit return one sample per
+//! call (the runner interleaves them and takes medians); the Python side returns its script's
+//! figure.
 
 use multiproc::StartMethod;
 use multiproc::bench_support::{self, process, raw, workloads};
@@ -24,7 +26,7 @@ pub const ROWS: &[Row] = &[
         multiproc: none, // TODO(pool): Pool::map(square, 0..n, default chunksize)
         python: |c| {
             c.py(
-                "pool.py",
+                "mp_pool.py",
                 &args(["map_default", &c.size(1_000_000, 100_000).to_string()]),
             )
         },
@@ -37,7 +39,7 @@ pub const ROWS: &[Row] = &[
         multiproc: none, // TODO(pool): Pool::map(square, 0..n, chunksize 1)
         python: |c| {
             c.py(
-                "pool.py",
+                "mp_pool.py",
                 &args(["map_chunk1", &c.size(100_000, 10_000).to_string()]),
             )
         },
@@ -50,7 +52,7 @@ pub const ROWS: &[Row] = &[
         multiproc: none, // TODO(pool): median of apply_async(square, x).get()
         python: |c| {
             c.py(
-                "pool.py",
+                "mp_pool.py",
                 &args(["apply", &c.size(10_000, 1_000).to_string()]),
             )
         },
@@ -63,7 +65,7 @@ pub const ROWS: &[Row] = &[
         multiproc: none, // TODO(queue): 8-byte messages, one producer process, one consumer
         python: |c| {
             c.py(
-                "queue.py",
+                "mp_queue.py",
                 &args(["small", &c.size(200_000, 20_000).to_string()]),
             )
         },
@@ -76,7 +78,7 @@ pub const ROWS: &[Row] = &[
         multiproc: none, // TODO(queue): 1 MiB messages
         python: |c| {
             c.py(
-                "queue.py",
+                "mp_queue.py",
                 &args(["large", &c.size(1_000, 100).to_string()]),
             )
         },
@@ -87,7 +89,7 @@ pub const ROWS: &[Row] = &[
         unit: "us",
         higher_is_better: false,
         multiproc: pipe_rtt_multiproc,
-        python: |c| c.py("pipe.py", &args(["rtt", &pipe_rtt_n(c).to_string()])),
+        python: |c| c.py("mp_pipe.py", &args(["rtt", &pipe_rtt_n(c).to_string()])),
         limit: pipe_rtt_limit,
     },
     Row {
@@ -95,7 +97,7 @@ pub const ROWS: &[Row] = &[
         unit: "msg/s",
         higher_is_better: true,
         multiproc: pipe_small_multiproc,
-        python: |c| c.py("pipe.py", &args(["small", &pipe_small_n(c).to_string()])),
+        python: |c| c.py("mp_pipe.py", &args(["small", &pipe_small_n(c).to_string()])),
         limit: pipe_small_limit,
     },
     Row {
@@ -103,7 +105,7 @@ pub const ROWS: &[Row] = &[
         unit: "GB/s",
         higher_is_better: true,
         multiproc: pipe_large_multiproc,
-        python: |c| c.py("pipe.py", &args(["large", &pipe_large_n(c).to_string()])),
+        python: |c| c.py("mp_pipe.py", &args(["large", &pipe_large_n(c).to_string()])),
         limit: memcpy_limit,
     },
     Row {
@@ -135,7 +137,7 @@ pub const ROWS: &[Row] = &[
         unit: "incr/s",
         higher_is_better: true,
         multiproc: none, // TODO(sync): Value<i64> with lock, 2 processes x n increments
-        python: |c| c.py("value.py", &args([&c.size(100_000, 10_000).to_string()])),
+        python: |c| c.py("mp_value.py", &args([&c.size(100_000, 10_000).to_string()])),
         limit: none,
     },
     Row {
@@ -143,7 +145,7 @@ pub const ROWS: &[Row] = &[
         unit: "op/s",
         higher_is_better: true,
         multiproc: none, // TODO(manager): dict set then get from a child, n each
-        python: |c| c.py("manager.py", &args([&c.size(20_000, 2_000).to_string()])),
+        python: |c| c.py("mp_manager.py", &args([&c.size(20_000, 2_000).to_string()])),
         limit: none,
     },
     Row {
@@ -151,7 +153,7 @@ pub const ROWS: &[Row] = &[
         unit: "MiB",
         higher_is_better: false,
         multiproc: none, // TODO(pool): RSS of an idle pool worker
-        python: |c| c.py("pool.py", &args(["rss", "0"])),
+        python: |c| c.py("mp_pool.py", &args(["rss", "0"])),
         limit: none,
     },
 ];
@@ -160,20 +162,8 @@ fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
     a.iter().map(|s| s.to_string()).collect()
 }
 
-/// A warm-up run, then the median of three, of a fallible measurement.
-fn med3(mut f: impl FnMut() -> multiproc::Result<f64>) -> Result<f64, String> {
-    let mut err = None;
-    let m = bench_support::median3(|| match f() {
-        Ok(v) => v,
-        Err(e) => {
-            err.get_or_insert(e.to_string());
-            f64::NAN
-        }
-    });
-    match err {
-        Some(e) => Err(e),
-        None => Ok(m),
-    }
+fn sample(r: multiproc::Result<f64>, scale: f64) -> Measured {
+    r.map(|x| Some(x * scale)).map_err(|e| e.to_string())
 }
 
 // --- primes -----------------------------------------------------------------------------------
@@ -194,28 +184,23 @@ fn primes_blocks(c: &Cfg) -> Vec<(u64, u64)> {
 }
 
 fn primes_multiproc(c: &Cfg) -> Measured {
-    let blocks = primes_blocks(c);
     let bar = indicatif::ProgressBar::hidden();
-    med3(|| {
-        let (t, r) = bench_support::timed(|| {
-            crate::parallel::map(
-                workloads::count_primes,
-                blocks.clone(),
-                primes_workers(),
-                &bar,
-            )
-        });
-        r?;
-        Ok(t)
-    })
-    .map(Some)
+    let (t, r) = bench_support::timed(|| {
+        crate::parallel::map(
+            workloads::count_primes,
+            primes_blocks(c),
+            primes_workers(),
+            &bar,
+        )
+    });
+    sample(r.map(|_| t), 1.0)
 }
 
 fn primes_python(c: &Cfg) -> Measured {
     let (lo, hi) = primes_range(c);
     let w = primes_workers();
     c.py(
-        "primes.py",
+        "mp_primes.py",
         &args([
             &lo.to_string(),
             &hi.to_string(),
@@ -228,16 +213,13 @@ fn primes_python(c: &Cfg) -> Measured {
 /// Perfect scaling: the sequential time in this process divided by the workers.
 fn primes_limit(c: &Cfg) -> Measured {
     let blocks = primes_blocks(c);
-    let seq = med3(|| {
-        Ok(bench_support::timed(|| {
-            blocks
-                .iter()
-                .map(|&b| workloads::count_primes(b))
-                .sum::<u64>()
-        })
-        .0)
-    })?;
-    Ok(Some(seq / primes_workers() as f64))
+    let (t, _) = bench_support::timed(|| {
+        blocks
+            .iter()
+            .map(|&b| workloads::count_primes(b))
+            .sum::<u64>()
+    });
+    Ok(Some(t / primes_workers() as f64))
 }
 
 // --- start ------------------------------------------------------------------------------------
@@ -248,21 +230,21 @@ fn start_n(c: &Cfg) -> usize {
 
 fn start_multiproc(c: &Cfg, m: StartMethod) -> Measured {
     let n = start_n(c);
-    med3(|| process::start_join(m, n)).map(|s| Some(s * 1e3))
+    sample(process::start_join(m, n), 1e3)
 }
 
 fn start_python(c: &Cfg, method: &str) -> Measured {
-    c.py("start.py", &args([method, &start_n(c).to_string()]))
+    c.py("mp_start.py", &args([method, &start_n(c).to_string()]))
 }
 
 fn fork_limit(c: &Cfg) -> Measured {
     let n = start_n(c);
-    med3(|| raw::fork_wait(n)).map(|s| Some(s * 1e3))
+    sample(raw::fork_wait(n), 1e3)
 }
 
 fn exec_limit(c: &Cfg) -> Measured {
     let n = start_n(c);
-    med3(|| raw::fork_exec_wait(n)).map(|s| Some(s * 1e3))
+    sample(raw::fork_exec_wait(n), 1e3)
 }
 
 // --- pipes ------------------------------------------------------------------------------------
@@ -283,21 +265,21 @@ fn pipe_large_n(c: &Cfg) -> usize {
 
 fn pipe_rtt_limit(c: &Cfg) -> Measured {
     let n = pipe_rtt_n(c);
-    med3(|| raw::pipe_rtt(n)).map(|s| Some(s * 1e6))
+    sample(raw::pipe_rtt(n), 1e6)
 }
 
 fn pipe_small_limit(c: &Cfg) -> Measured {
     let n = pipe_small_n(c);
-    med3(|| raw::pipe_stream(n, 8)).map(Some)
+    sample(raw::pipe_stream(n, 8), 1.0)
 }
 
 fn memcpy_limit(c: &Cfg) -> Measured {
     let n = c.size(2_000, 200);
-    med3(|| Ok(raw::memcpy_bandwidth(MIB, n))).map(|b| Some(b / 1e9))
+    Ok(Some(raw::memcpy_bandwidth(MIB, n) / 1e9))
 }
 
 // TODO(conn): the three pipe rows' multiproc side, once `multiproc::Pipe` is merged: a child
-// process and `Pipe::<T>::new(true)`, measured as pipe.py measures Python (round trip of a
+// process and `Pipe::<T>::new(true)`, measured as mp_pipe.py measures Python (round trip of a
 // small value with send/recv; 8-byte values with send/recv from the child; 1 MiB with
 // send_bytes/recv_bytes from the child), the functions living in
 // `src/bench_support/pipe.rs` so the criterion benches can share them.

@@ -1,7 +1,7 @@
 # manager_dict: Manager().dict() from a child process, N sets then N gets, operations/s of the
 # two together.   usage: manager.py N
 import sys, time, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 
 def child(d, out, n):

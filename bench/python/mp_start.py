@@ -1,7 +1,7 @@
 # start_fork / start_forkserver / start_spawn: start() + join() of one no-op Process, in ms,
 # the median of N (median of 3 series).   usage: start.py METHOD N
 import sys, time, statistics, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 
 def noop():

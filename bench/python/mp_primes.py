@@ -1,7 +1,7 @@
 # primes: seconds to count the primes in [LO, HI) by trial division on Pool(WORKERS), the range
 # split in BLOCKS blocks mapped with chunksize=1 (seed 000).   usage: primes.py LO HI WORKERS BLOCKS
 import sys, time, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 
 def is_prime(n):

@@ -4,7 +4,7 @@
 #   apply N:       apply_async(square, (i,)).get() round trip, median of N, in us
 #   rss 0:         resident memory of an idle pool worker, in MiB
 import sys, time, statistics, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 
 def square(x):

@@ -1,7 +1,7 @@
 # value_lock: Value('i') incremented under get_lock() by 2 processes x N, increments/s; the
 # total must be exact.   usage: value.py N
 import sys, time, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 
 def inc(v, barrier, n):

@@ -1,4 +1,4 @@
-# Shared by the benchmark scripts of `multiproc bench`: a warm-up run, then the median of three
+# Shared by the benchmark scripts (mp_*.py) of `multiproc bench`: a warm-up run, then the median of three
 # (a short run after an idle gap is up to 2x slower on these VMs), and the one JSON line the
 # Rust side reads.
 import json, statistics, sys

@@ -4,7 +4,7 @@
 #   large N: N 1 MiB buffers child -> parent (send_bytes/recv_bytes), GB/s
 # The child says "ready" and waits for "go" before the timed part (no sleeps).
 import sys, time, statistics, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 SMALL, BIG = b"x" * 8, b"x" * (1 << 20)
 

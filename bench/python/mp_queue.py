@@ -2,7 +2,7 @@
 #   small N: N 8-byte bytes objects, messages/s
 #   large N: N 1 MiB bytes objects, GB/s
 import sys, time, multiprocessing as mp
-from common import median3, emit
+from mp_common import median3, emit
 
 SMALL, BIG = b"x" * 8, b"x" * (1 << 20)
 
