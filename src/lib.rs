@@ -43,9 +43,11 @@ pub use context::{
 pub use error::{Error, ExitStatus, Result};
 pub use function::build_id;
 pub use process::{
-    ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, active_children, cpu_count,
-    current_process, parent_process, process_cpu_count, spawn, spawn_in,
+    ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, Worker, active_children,
+    cpu_count, current_process, parent_process, process_cpu_count, spawn, spawn_in,
 };
+pub use serde_bytes;
+pub use start::set_executable;
 
 /// Call first in `main`. In a child process started by `multiproc` it does that child's job and
 /// never returns (normally that already happened before `main`); in the main process it starts

@@ -332,15 +332,26 @@ fn ensure_exit_handler() {
 
 /// Hands a still-running child to the background reaper, which reaps it when it ends.
 fn hand_to_reaper(c: Arc<ChildProc>) {
-    static REAPER: Mutex<Option<std::sync::mpsc::Sender<Arc<ChildProc>>>> = Mutex::new(None);
+    // The sender is tagged with the pid that started the reaper thread: a forked copy of this
+    // process has the sender but not the thread, and must start its own.
+    type Reaper = (u32, std::sync::mpsc::Sender<Arc<ChildProc>>);
+    static REAPER: Mutex<Option<Reaper>> = Mutex::new(None);
+    let me = platform::getpid();
     let mut tx = REAPER.lock().unwrap_or_else(|p| p.into_inner());
-    let owner_ok = tx.as_ref().is_some_and(|s| s.send(Arc::clone(&c)).is_ok());
-    if owner_ok {
+    let sent = tx
+        .as_ref()
+        .is_some_and(|(owner, s)| *owner == me && s.send(Arc::clone(&c)).is_ok());
+    if sent {
         return;
+    }
+    if let Some(old) = tx.take() {
+        // Not ours (inherited through fork): its receiver has no thread here; leak it rather
+        // than run destructors on state copied from another process.
+        std::mem::forget(old);
     }
     let (s, r) = std::sync::mpsc::channel::<Arc<ChildProc>>();
     let _ = s.send(c);
-    *tx = Some(s);
+    *tx = Some((me, s));
     let spawned = std::thread::Builder::new()
         .name("multiproc-reaper".into())
         .spawn(move || {
@@ -774,5 +785,45 @@ impl<R> Drop for JoinHandle<R> {
         } else {
             registry().retain(|r| !Arc::ptr_eq(r, &self.child));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker: Python's `Process` subclass with a `run` method
+// ---------------------------------------------------------------------------------------------
+
+/// A type whose `run` a child process calls: the Rust form of subclassing Python's
+/// `multiprocessing.Process` and overriding `run`. The value travels to the child (it is
+/// serialized at `start`), so it carries the worker's state.
+///
+/// ```
+/// use multiproc::{Process, Worker};
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Greeter {
+///     who: String,
+/// }
+/// impl Worker for Greeter {
+///     fn run(self) {
+///         println!("hello {} from {}", self.who, std::process::id());
+///     }
+/// }
+/// let mut p = Process::from_worker(Greeter { who: "world".into() });
+/// p.start().unwrap();
+/// p.join().unwrap();
+/// assert_eq!(p.exitcode(), Some(0));
+/// ```
+pub trait Worker: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The child's body.
+    fn run(self);
+}
+
+fn run_worker<W: Worker>(w: W) {
+    w.run()
+}
+
+impl Process {
+    /// A process that calls `worker.run()` in the child.
+    pub fn from_worker<W: Worker>(worker: W) -> Process {
+        Process::new(run_worker::<W>, worker)
     }
 }

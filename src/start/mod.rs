@@ -79,3 +79,16 @@ pub(crate) fn ensure_forkserver() -> Result<()> {
 pub(crate) fn forkserver_pid() -> Option<u32> {
     forkserver::server_pid()
 }
+
+/// Sets (or with `None` resets to this process's own binary) the executable that
+/// [`StartMethod::Spawn`] children and the fork server re-execute, as Python's `set_executable`.
+///
+/// The executable must be a build of the same program: a child whose build id differs refuses
+/// its task with [`Error::BuildIdMismatch`](crate::Error::BuildIdMismatch).
+///
+/// ```
+/// multiproc::set_executable(None).unwrap();
+/// ```
+pub fn set_executable(path: Option<&std::path::Path>) -> Result<()> {
+    spawn::set_executable(path)
+}

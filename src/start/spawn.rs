@@ -19,6 +19,28 @@ pub(super) const BOOT_ENV: &str = "__MULTIPROC_BOOT_FD";
 /// Set in a fork server: the number of its control socket.
 pub(super) const FORKSERVER_ENV: &str = "__MULTIPROC_FORKSERVER_FD";
 
+static EXECUTABLE: std::sync::Mutex<Option<CString>> = std::sync::Mutex::new(None);
+
+/// Python's `set_executable`: the binary that spawn children and the fork server re-execute.
+pub(crate) fn set_executable(path: Option<&std::path::Path>) -> Result<()> {
+    let c = match path {
+        Some(p) => {
+            Some(CString::new(p.as_os_str().as_bytes()).map_err(|e| Error::arg(e.to_string()))?)
+        }
+        None => None,
+    };
+    *EXECUTABLE.lock().unwrap_or_else(|p| p.into_inner()) = c;
+    Ok(())
+}
+
+fn executable() -> CString {
+    EXECUTABLE
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .unwrap_or_else(|| c"/proc/self/exe".to_owned())
+}
+
 /// Spawns a child that runs [`child::child_main`] on `child_end`.
 pub(super) fn launch(child_end: OwnedFd) -> Result<u32> {
     exec_self(BOOT_ENV, child_end)
@@ -28,7 +50,8 @@ pub(super) fn launch(child_end: OwnedFd) -> Result<u32> {
 /// only descriptor it inherits that is not close-on-exec).
 pub(super) fn exec_self(var: &str, fd: OwnedFd) -> Result<u32> {
     // Everything the child needs is allocated before the fork.
-    let exe = c"/proc/self/exe";
+    let exe = executable();
+    let exe = exe.as_c_str();
     let argv0 = std::env::args_os()
         .next()
         .unwrap_or_else(|| "multiproc-child".into());
