@@ -1,0 +1,297 @@
+//! The rows of the suite, in SPEC's order: one [`Row`] each. To fill a side that is `none`
+//! today, write its function below (in `src/bench_support/` of the library if criterion benches
+//! need it too) and name it in the row. The crate's side and the limit return one sample per
+//! call (the runner interleaves them and takes medians); the Python side returns its script's
+//! figure.
+
+use multiproc::StartMethod;
+use multiproc::bench_support::{self, process, raw, workloads};
+
+use super::{Cfg, Measured, Row, none};
+
+/// The suite.
+pub const ROWS: &[Row] = &[
+    Row {
+        id: "primes",
+        unit: "s",
+        higher_is_better: false,
+        multiproc: primes_multiproc,
+        python: primes_python,
+        limit: primes_limit,
+    },
+    Row {
+        id: "map_default",
+        unit: "task/s",
+        higher_is_better: true,
+        multiproc: none, // TODO(pool): Pool::map(square, 0..n, default chunksize)
+        python: |c| {
+            c.py(
+                "mp_pool.py",
+                &args(["map_default", &c.size(1_000_000, 100_000).to_string()]),
+            )
+        },
+        limit: none,
+    },
+    Row {
+        id: "map_chunk1",
+        unit: "task/s",
+        higher_is_better: true,
+        multiproc: none, // TODO(pool): Pool::map(square, 0..n, chunksize 1)
+        python: |c| {
+            c.py(
+                "mp_pool.py",
+                &args(["map_chunk1", &c.size(100_000, 10_000).to_string()]),
+            )
+        },
+        limit: none,
+    },
+    Row {
+        id: "apply_rtt",
+        unit: "us",
+        higher_is_better: false,
+        multiproc: none, // TODO(pool): median of apply_async(square, x).get()
+        python: |c| {
+            c.py(
+                "mp_pool.py",
+                &args(["apply", &c.size(10_000, 1_000).to_string()]),
+            )
+        },
+        limit: pipe_rtt_limit,
+    },
+    Row {
+        id: "queue_small",
+        unit: "msg/s",
+        higher_is_better: true,
+        multiproc: none, // TODO(queue): 8-byte messages, one producer process, one consumer
+        python: |c| {
+            c.py(
+                "mp_queue.py",
+                &args(["small", &c.size(200_000, 20_000).to_string()]),
+            )
+        },
+        limit: none,
+    },
+    Row {
+        id: "queue_large",
+        unit: "GB/s",
+        higher_is_better: true,
+        multiproc: none, // TODO(queue): 1 MiB messages
+        python: |c| {
+            c.py(
+                "mp_queue.py",
+                &args(["large", &c.size(1_000, 100).to_string()]),
+            )
+        },
+        limit: memcpy_limit,
+    },
+    Row {
+        id: "pipe_rtt",
+        unit: "us",
+        higher_is_better: false,
+        multiproc: pipe_rtt_multiproc,
+        python: |c| c.py("mp_pipe.py", &args(["rtt", &pipe_rtt_n(c).to_string()])),
+        limit: pipe_rtt_limit,
+    },
+    Row {
+        id: "pipe_small",
+        unit: "msg/s",
+        higher_is_better: true,
+        multiproc: pipe_small_multiproc,
+        python: |c| c.py("mp_pipe.py", &args(["small", &pipe_small_n(c).to_string()])),
+        limit: pipe_small_limit,
+    },
+    Row {
+        id: "pipe_large",
+        unit: "GB/s",
+        higher_is_better: true,
+        multiproc: pipe_large_multiproc,
+        python: |c| c.py("mp_pipe.py", &args(["large", &pipe_large_n(c).to_string()])),
+        limit: memcpy_limit,
+    },
+    Row {
+        id: "start_fork",
+        unit: "ms",
+        higher_is_better: false,
+        multiproc: |c| start_multiproc(c, StartMethod::Fork),
+        python: |c| start_python(c, "fork"),
+        limit: fork_limit,
+    },
+    Row {
+        id: "start_forkserver",
+        unit: "ms",
+        higher_is_better: false,
+        multiproc: |c| start_multiproc(c, StartMethod::ForkServer),
+        python: |c| start_python(c, "forkserver"),
+        limit: fork_limit,
+    },
+    Row {
+        id: "start_spawn",
+        unit: "ms",
+        higher_is_better: false,
+        multiproc: |c| start_multiproc(c, StartMethod::Spawn),
+        python: |c| start_python(c, "spawn"),
+        limit: exec_limit,
+    },
+    Row {
+        id: "value_lock",
+        unit: "incr/s",
+        higher_is_better: true,
+        multiproc: none, // TODO(sync): Value<i64> with lock, 2 processes x n increments
+        python: |c| c.py("mp_value.py", &args([&c.size(100_000, 10_000).to_string()])),
+        limit: none,
+    },
+    Row {
+        id: "manager_dict",
+        unit: "op/s",
+        higher_is_better: true,
+        multiproc: none, // TODO(manager): dict set then get from a child, n each
+        python: |c| c.py("mp_manager.py", &args([&c.size(20_000, 2_000).to_string()])),
+        limit: none,
+    },
+    Row {
+        id: "worker_rss",
+        unit: "MiB",
+        higher_is_better: false,
+        multiproc: none, // TODO(pool): RSS of an idle pool worker
+        python: |c| c.py("mp_pool.py", &args(["rss", "0"])),
+        limit: none,
+    },
+];
+
+fn args<const N: usize>(a: [&str; N]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+fn sample(r: multiproc::Result<f64>, scale: f64) -> Measured {
+    r.map(|x| Some(x * scale)).map_err(|e| e.to_string())
+}
+
+// --- primes -----------------------------------------------------------------------------------
+
+fn primes_range(c: &Cfg) -> (u64, u64) {
+    let (lo, hi) = workloads::PRIMES_DEFAULT;
+    if c.quick { (lo, lo + 20_000) } else { (lo, hi) }
+}
+
+fn primes_workers() -> usize {
+    multiproc::process_cpu_count().max(1)
+}
+
+/// The blocks every side splits the range into.
+fn primes_blocks(c: &Cfg) -> Vec<(u64, u64)> {
+    let (lo, hi) = primes_range(c);
+    workloads::blocks(lo, hi, primes_workers() * 8)
+}
+
+fn primes_multiproc(c: &Cfg) -> Measured {
+    let bar = indicatif::ProgressBar::hidden();
+    let (t, r) = bench_support::timed(|| {
+        crate::parallel::map(
+            workloads::count_primes,
+            primes_blocks(c),
+            primes_workers(),
+            &bar,
+        )
+    });
+    sample(r.map(|_| t), 1.0)
+}
+
+fn primes_python(c: &Cfg) -> Measured {
+    let (lo, hi) = primes_range(c);
+    let w = primes_workers();
+    c.py(
+        "mp_primes.py",
+        &args([
+            &lo.to_string(),
+            &hi.to_string(),
+            &w.to_string(),
+            &(w * 8).to_string(),
+        ]),
+    )
+}
+
+/// Perfect scaling: the sequential time in this process divided by the workers.
+fn primes_limit(c: &Cfg) -> Measured {
+    let blocks = primes_blocks(c);
+    let (t, _) = bench_support::timed(|| {
+        blocks
+            .iter()
+            .map(|&b| workloads::count_primes(b))
+            .sum::<u64>()
+    });
+    Ok(Some(t / primes_workers() as f64))
+}
+
+// --- start ------------------------------------------------------------------------------------
+
+fn start_n(c: &Cfg) -> usize {
+    c.size(50, 10)
+}
+
+fn start_multiproc(c: &Cfg, m: StartMethod) -> Measured {
+    let n = start_n(c);
+    sample(process::start_join(m, n), 1e3)
+}
+
+fn start_python(c: &Cfg, method: &str) -> Measured {
+    c.py("mp_start.py", &args([method, &start_n(c).to_string()]))
+}
+
+fn fork_limit(c: &Cfg) -> Measured {
+    let n = start_n(c);
+    sample(raw::fork_wait(n), 1e3)
+}
+
+fn exec_limit(c: &Cfg) -> Measured {
+    let n = start_n(c);
+    sample(raw::fork_exec_wait(n), 1e3)
+}
+
+// --- pipes ------------------------------------------------------------------------------------
+
+const MIB: usize = 1 << 20;
+
+fn pipe_rtt_n(c: &Cfg) -> usize {
+    c.size(10_000, 1_000)
+}
+
+fn pipe_small_n(c: &Cfg) -> usize {
+    c.size(200_000, 20_000)
+}
+
+fn pipe_large_n(c: &Cfg) -> usize {
+    c.size(1_000, 100)
+}
+
+fn pipe_rtt_limit(c: &Cfg) -> Measured {
+    let n = pipe_rtt_n(c);
+    sample(raw::pipe_rtt(n), 1e6)
+}
+
+fn pipe_small_limit(c: &Cfg) -> Measured {
+    let n = pipe_small_n(c);
+    sample(raw::pipe_stream(n, 8), 1.0)
+}
+
+fn memcpy_limit(c: &Cfg) -> Measured {
+    let n = c.size(2_000, 200);
+    Ok(Some(raw::memcpy_bandwidth(MIB, n) / 1e9))
+}
+
+// TODO(conn): the three pipe rows' multiproc side, once `multiproc::Pipe` is merged: a child
+// process and `Pipe::<T>::new(true)`, measured as mp_pipe.py measures Python (round trip of a
+// small value with send/recv; 8-byte values with send/recv from the child; 1 MiB with
+// send_bytes/recv_bytes from the child), the functions living in
+// `src/bench_support/pipe.rs` so the criterion benches can share them.
+
+fn pipe_rtt_multiproc(_: &Cfg) -> Measured {
+    Ok(None)
+}
+
+fn pipe_small_multiproc(_: &Cfg) -> Measured {
+    Ok(None)
+}
+
+fn pipe_large_multiproc(_: &Cfg) -> Measured {
+    Ok(None)
+}
