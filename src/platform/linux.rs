@@ -1047,3 +1047,13 @@ impl RawRobustMutex {
         }
     }
 }
+
+/// Sets the calling thread's name (for the main thread, what `ps -o comm` and `pgrep` show);
+/// truncated to 15 bytes by the kernel.
+pub(crate) fn set_process_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from buf.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}

@@ -123,6 +123,14 @@ fn take_fd_var(var: &str) -> Option<OwnedFd> {
         std::mem::forget(fd);
         platform::exit_now(child::EXIT_REFUSED);
     }
+    // Exec'd from /proc/self/exe, the kernel names us "exe": take the program's name back, so
+    // `ps`/`pgrep` show children under the name of the program they belong to.
+    if let Some(arg0) = std::env::args_os().next() {
+        let p = std::path::Path::new(&arg0);
+        if let Some(base) = p.file_name() {
+            platform::set_process_name(&base.to_string_lossy());
+        }
+    }
     Some(fd)
 }
 

@@ -136,7 +136,7 @@ pub const ROWS: &[Row] = &[
         id: "value_lock",
         unit: "incr/s",
         higher_is_better: true,
-        multiproc: none, // TODO(sync): Value<i64> with lock, 2 processes x n increments
+        multiproc: value_lock_multiproc,
         python: |c| c.py("mp_value.py", &args([&c.size(100_000, 10_000).to_string()])),
         limit: none,
     },
@@ -294,4 +294,15 @@ fn pipe_small_multiproc(_: &Cfg) -> Measured {
 
 fn pipe_large_multiproc(_: &Cfg) -> Measured {
     Ok(None)
+}
+
+// --- shared state -----------------------------------------------------------------------------
+
+/// Two processes x n locked increments of one `Value<u64>`; increments per second.
+fn value_lock_multiproc(c: &Cfg) -> Measured {
+    let n = c.size(100_000, 10_000) as u64;
+    sample(
+        bench_support::value_lock(n).map(|d| (2 * n) as f64 / d.as_secs_f64()),
+        1.0,
+    )
 }
