@@ -528,7 +528,6 @@ impl Process {
             Target::Entry { entry, args } => {
                 let mut payload = Vec::new();
                 let fds = args(&mut payload)?;
-                let l = start::launch(method)?;
                 let task = ChildTask {
                     build_id: function::build_id().to_vec(),
                     entry: function::entry_id(*entry),
@@ -536,7 +535,7 @@ impl Process {
                     info,
                     want_result: false,
                 };
-                send_task(&l, &task, &fds)?;
+                let l = start::launch_task(method, &task, &fds)?;
                 (l.pid, l.pidfd)
             }
             Target::Closure(f) => {
@@ -653,17 +652,6 @@ impl Drop for Process {
     }
 }
 
-fn send_task(l: &start::Launched, task: &ChildTask, fds: &[std::os::fd::RawFd]) -> Result<()> {
-    let mut buf = Vec::new();
-    codec::encode_plain(task, &mut buf)?;
-    if let Err(e) = frame::send_frame(l.boot.as_fd(), &buf, fds) {
-        let _ = platform::pidfd_send_signal(l.pidfd.as_fd(), libc::SIGKILL);
-        let _ = platform::pidfd_wait(l.pidfd.as_fd(), true);
-        return Err(e);
-    }
-    Ok(())
-}
-
 // ---------------------------------------------------------------------------------------------
 // spawn / JoinHandle
 // ---------------------------------------------------------------------------------------------
@@ -706,7 +694,6 @@ where
     let fds = codec::encode_into(&args, &mut payload)?;
     let info = child_info(None, false);
     let name = info.name.clone();
-    let l = start::launch(ctx.start_method())?;
     let task = ChildTask {
         build_id: function::build_id().to_vec(),
         entry: function::entry_id(entry),
@@ -714,7 +701,7 @@ where
         info,
         want_result: true,
     };
-    send_task(&l, &task, &fds)?;
+    let l = start::launch_task(ctx.start_method(), &task, &fds)?;
     drop(args);
     let child = ChildProc::new(l.pid, l.pidfd, name, false);
     Ok(JoinHandle {

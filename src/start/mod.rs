@@ -11,10 +11,11 @@ mod fork;
 mod forkserver;
 mod spawn;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 use crate::context::StartMethod;
 use crate::error::Result;
+use crate::frame;
 use crate::platform;
 
 pub(crate) use child::{ChildTask, Outcome};
@@ -33,6 +34,38 @@ pub(crate) struct Launched {
 /// Starts a child with `method`; the child waits for its task on the boot socket.
 pub(crate) fn launch(method: StartMethod) -> Result<Launched> {
     let (parent_end, child_end) = platform::socketpair(libc::SOCK_STREAM)?;
+    launch_on(method, parent_end, child_end)
+}
+
+/// Largest task frame queued in the boot socket *before* the child exists (the socket's buffer
+/// holds it, so the new child finds its task at once instead of waiting for a later wake-up).
+const PRELOAD_MAX: usize = 64 * 1024;
+
+/// Starts a child with `method` and delivers `task` (with `fds`) to it.
+pub(crate) fn launch_task(
+    method: StartMethod,
+    task: &ChildTask,
+    fds: &[RawFd],
+) -> Result<Launched> {
+    let mut buf = Vec::new();
+    crate::codec::encode_plain(task, &mut buf)?;
+    let (parent_end, child_end) = platform::socketpair(libc::SOCK_STREAM)?;
+    let preload = buf.len() <= PRELOAD_MAX;
+    if preload {
+        frame::send_frame(parent_end.as_fd(), &buf, fds)?;
+    }
+    let l = launch_on(method, parent_end, child_end)?;
+    if !preload {
+        if let Err(e) = frame::send_frame(l.boot.as_fd(), &buf, fds) {
+            let _ = platform::pidfd_send_signal(l.pidfd.as_fd(), libc::SIGKILL);
+            let _ = platform::pidfd_wait(l.pidfd.as_fd(), true);
+            return Err(e);
+        }
+    }
+    Ok(l)
+}
+
+fn launch_on(method: StartMethod, parent_end: OwnedFd, child_end: OwnedFd) -> Result<Launched> {
     let pid = match method {
         StartMethod::Fork => fork::launch(parent_end.as_fd(), child_end)?,
         StartMethod::ForkServer => forkserver::launch(child_end)?,
