@@ -26,6 +26,8 @@
 
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench_support;
 mod codec;
 pub mod context;
 pub mod error;
@@ -33,6 +35,7 @@ mod frame;
 mod function;
 mod platform;
 pub mod process;
+pub mod queues;
 mod start;
 
 pub use context::{
@@ -44,6 +47,7 @@ pub use process::{
     ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, active_children, cpu_count,
     current_process, parent_process, process_cpu_count, spawn, spawn_in,
 };
+pub use queues::{JoinableQueue, Queue, SimpleQueue};
 
 /// Call first in `main`. In a child process started by `multiproc` it does that child's job and
 /// never returns (normally that already happened before `main`); in the main process it starts
