@@ -92,6 +92,12 @@ pub(crate) fn encode_plain_to_slice<T: Serialize + ?Sized>(v: &T, buf: &mut [u8]
         .map_err(|e| Error::Encode(e.to_string()))
 }
 
+/// Deserializes plain data straight from `bytes`, without the handle side channel (a handle
+/// inside fails): the fast path for data that cannot carry handles (queue messages).
+pub(crate) fn decode_plain_only<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Decode(e.to_string()))
+}
+
 /// For a handle's `Serialize`: records `fd` to travel with the message and writes its index.
 pub(crate) fn serialize_fd<S: Serializer>(fd: BorrowedFd<'_>, s: S) -> Result<S::Ok, S::Error> {
     let idx = OUT_FDS.with(|c| {

@@ -100,10 +100,47 @@ pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
         set_tid_size: u64,
         cgroup: u64,
     }
+    // The kernel gives a cloned child no robust-futex list, and glibc only re-registers it in
+    // its own fork(): without this, a child killed while holding a robust mutex (a queue's or
+    // a Lock's) would leave it locked forever instead of handing OwnerDied to the next locker.
+    let mut robust_head: *mut libc::c_void = std::ptr::null_mut();
+    let mut robust_len: libc::size_t = 0;
+    // SAFETY: get_robust_list(0, ..) writes the calling thread's list head and length into the
+    // two valid out-pointers.
+    unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            0,
+            &mut robust_head as *mut *mut libc::c_void,
+            &mut robust_len as *mut libc::size_t,
+        )
+    };
+    // glibc also caches each thread's TID in its thread descriptor and stamps it into every
+    // mutex it locks; its own fork() has the kernel rewrite that field in the child
+    // (CLONE_CHILD_SETTID). Do the same, or a child would lock robust mutexes under the
+    // server's TID: its death would go unnoticed and its siblings would "already hold" them.
+    // The field sits 16 bytes before the robust-list head in glibc's `struct pthread`
+    // (tid, an unused pid, robust_prev, robust_head); checked against gettid() before use.
+    let mut tid_field: u64 = 0;
+    if !robust_head.is_null() && std::mem::size_of::<usize>() == 8 {
+        let candidate = (robust_head as usize).wrapping_sub(16);
+        // SAFETY: robust_head points into this thread's descriptor, which spans well before
+        // it; the candidate is 4-byte aligned (the head is pointer aligned) and readable.
+        let v = unsafe { std::ptr::read_volatile(candidate as *const u32) };
+        if v == gettid() {
+            tid_field = candidate as u64;
+        }
+    }
     let mut args = CloneArgs {
         // With CLONE_PARENT the kernel refuses an exit signal: the child inherits the caller's
         // (SIGCHLD for a process started by fork), which is what its new parent expects.
-        flags: libc::CLONE_PARENT as u64,
+        flags: libc::CLONE_PARENT as u64
+            | if tid_field != 0 {
+                libc::CLONE_CHILD_SETTID as u64
+            } else {
+                0
+            },
+        child_tid: tid_field,
         ..Default::default()
     };
     // SAFETY: clone3 with no stack behaves like fork (the child resumes on a copy of this
@@ -117,7 +154,14 @@ pub(crate) unsafe fn fork_as_sibling() -> Result<Forked> {
     };
     match r {
         -1 => Err(Error::last_os()),
-        0 => Ok(Forked::Child),
+        0 => {
+            if !robust_head.is_null() {
+                // SAFETY: the head is glibc's list for this thread, at the same address in the
+                // child's copy of the address space; set_robust_list only records the pointer.
+                unsafe { libc::syscall(libc::SYS_set_robust_list, robust_head, robust_len) };
+            }
+            Ok(Forked::Child)
+        }
         p => Ok(Forked::Parent(p as u32)),
     }
 }

@@ -79,6 +79,8 @@ use crate::codec;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use ring::{Shared, Wait};
+#[doc(hidden)]
+pub use ring::{TestPoint, set_test_hook};
 
 /// Byte capacity of a queue's ring unless [`Queue::with_limits`] says otherwise: 64 MiB of
 /// address space, touched only as the backlog needs it.
@@ -169,7 +171,7 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     }
 
     fn get_with(&self, wait: Wait) -> Result<T> {
-        self.ring.get(codec::decode_plain::<T>, wait)
+        self.ring.get(codec::decode_plain_only::<T>, wait)
     }
 
     /// Puts `item`, waiting as long as the queue is full. Fails with [`Error::Closed`] if the

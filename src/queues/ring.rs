@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -27,10 +27,10 @@ const NO_POS: u64 = u64::MAX;
 const KEY_U32: u64 = 1 << 63;
 /// How long a blocked caller sleeps before it looks again for dead peers (bounded recovery).
 const WAIT_SLICE: Duration = Duration::from_millis(50);
-/// Busy-wait iterations before sleeping on a futex (waking an idle vCPU costs tens of µs).
-const SPIN_WAIT: u32 = 20_000;
-/// `try_lock` attempts before blocking in the kernel on the main lock.
-const SPIN_LOCK: u32 = 2_000;
+/// How long to busy-wait before sleeping on a futex (waking an idle vCPU costs tens of µs).
+const SPIN_FOR: Duration = Duration::from_micros(50);
+/// `try_lock` attempts (with growing pauses between them) before blocking in the kernel.
+const SPIN_LOCK: u32 = 200;
 
 // Record kinds (low byte of the state word; the slot index of an in-flight record above it).
 const READY: u32 = 1;
@@ -38,6 +38,40 @@ const DONE: u32 = 2;
 const PAD: u32 = 3;
 const WRITING: u32 = 4;
 const READING: u32 = 5;
+
+/// Points inside queue operations where a test can stop a process (to kill it there).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestPoint {
+    /// In `put`, holding the main lock, the message written but not committed.
+    PutLocked,
+    /// In `get`, holding the main lock, the message decoded but its removal not committed.
+    GetLocked,
+    /// In `put` of a large message, its record reserved, before copying (no lock held).
+    PutCopying,
+    /// In `get` of a large message, its record claimed, before copying (no lock held).
+    GetCopying,
+}
+
+static TEST_HOOK_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TEST_HOOK: std::sync::RwLock<Option<fn(TestPoint)>> = std::sync::RwLock::new(None);
+
+/// Installs (or removes) a function called at each [`TestPoint`] in this process. For tests.
+#[doc(hidden)]
+pub fn set_test_hook(hook: Option<fn(TestPoint)>) {
+    *TEST_HOOK.write().unwrap_or_else(|p| p.into_inner()) = hook;
+    TEST_HOOK_ON.store(hook.is_some(), Ordering::SeqCst);
+}
+
+#[inline]
+fn test_point(p: TestPoint) {
+    if TEST_HOOK_ON.load(Ordering::Relaxed) {
+        let hook = *TEST_HOOK.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hook {
+            h(p);
+        }
+    }
+}
 
 fn kind(state: u32) -> u32 {
     state & 0xff
@@ -100,6 +134,8 @@ struct State {
     unfinished: AtomicU64,
     /// Non-zero once `close` was called.
     closed: AtomicU64,
+    /// Slots with an operation in flight (their `pos` is set).
+    inflight: AtomicU64,
 }
 
 #[repr(C)]
@@ -298,18 +334,23 @@ impl Shared {
     fn lock(&self, deadline: Option<Instant>) -> Result<Guard<'_>> {
         let m = &self.hdr().lock.0;
         let mut got = None;
-        for _ in 0..SPIN_LOCK {
+        for i in 0..SPIN_LOCK {
             if let Some(r) = m.try_lock()? {
                 got = Some(r);
                 break;
             }
-            std::hint::spin_loop();
+            for _ in 0..(1u32 << (i / 16).min(6)) {
+                std::hint::spin_loop();
+            }
         }
         let r = match got {
             Some(r) => r,
             None => m.lock(deadline.map(|d| d.saturating_duration_since(Instant::now())))?,
         };
-        let g = Guard { s: self };
+        let g = Guard {
+            s: self,
+            wake: Cell::new(0),
+        };
         if r == RobustLock::OwnerDied {
             // The previous holder died inside a critical section: undo what it half did.
             g.rollback();
@@ -440,11 +481,11 @@ impl Shared {
                 g.set(&st.head, pos);
             }
         }
-        g.set(&slot.pos, NO_POS);
+        g.slot_pos(slot, NO_POS);
         self.reclaim(g);
         g.commit();
-        self.notify(&self.hdr().items, true);
-        self.notify(&self.hdr().space, true);
+        g.signal(&self.hdr().items, ITEMS);
+        g.signal(&self.hdr().space, SPACE);
     }
 
     /// Looks for in-flight operations whose process died, and settles them.
@@ -467,57 +508,47 @@ impl Shared {
     }
 
     fn any_in_flight(&self) -> bool {
-        self.hdr()
-            .slots
-            .iter()
-            .any(|s| s.0.pos.load(Ordering::Relaxed) != NO_POS)
+        self.st().inflight.load(Ordering::Acquire) != 0
     }
 
     // -----------------------------------------------------------------------------------------
     // Waiting and waking
     // -----------------------------------------------------------------------------------------
 
-    /// Wakes the sleepers on `w` (only if some are registered, unless `force`).
-    fn notify(&self, w: &Line<Wake>, force: bool) {
-        let w = &w.0;
-        fence(Ordering::SeqCst);
-        if force || w.waiters.load(Ordering::Relaxed) > 0 {
-            w.seq.fetch_add(1, Ordering::SeqCst);
-            platform::futex_wake(&w.seq, u32::MAX);
+    /// Busy-waits (briefly) until `hint()` or the deadline.
+    fn spin(&self, deadline: Option<Instant>, hint: impl Fn() -> bool) {
+        let start = Instant::now();
+        let mut i = 0u32;
+        while !hint() {
+            std::hint::spin_loop();
+            i = i.wrapping_add(1);
+            if i % 64 == 0 {
+                let now = Instant::now();
+                if now - start >= SPIN_FOR || deadline.is_some_and(|d| now >= d) {
+                    return;
+                }
+            }
         }
     }
 
-    /// Waits until `ready()` may hold, the deadline passes (returns false), or a slice ends (to
-    /// let the caller look for dead peers). Spins first, then sleeps on the futex.
-    fn wait_on(&self, w: &Line<Wake>, deadline: Option<Instant>, ready: impl Fn() -> bool) -> bool {
+    /// Sleeps on `w` (the caller holds the main lock `g`, found it cannot proceed, and has
+    /// already spun): registers as a waiter under the lock, so that whoever changes the state
+    /// next sees it, then sleeps at most one slice. Returns false once the deadline passed.
+    fn sleep(&self, g: Guard<'_>, w: &Line<Wake>, deadline: Option<Instant>) -> bool {
         let w = &w.0;
-        for i in 0..SPIN_WAIT {
-            if ready() {
-                return true;
-            }
-            if i % 1024 == 1023 && deadline.is_some_and(|d| Instant::now() >= d) {
-                return false;
-            }
-            std::hint::spin_loop();
+        let slice = match deadline {
+            None => WAIT_SLICE,
+            Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_SLICE),
+        };
+        if slice.is_zero() {
+            return false;
         }
-        w.waiters.fetch_add(1, Ordering::SeqCst);
-        let seen = w.seq.load(Ordering::SeqCst);
-        let mut timed_out = false;
-        if !ready() {
-            let slice = match deadline {
-                None => WAIT_SLICE,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    timed_out = left.is_zero();
-                    left.min(WAIT_SLICE)
-                }
-            };
-            if !timed_out {
-                platform::futex_wait(&w.seq, seen, Some(slice));
-            }
-        }
-        w.waiters.fetch_sub(1, Ordering::SeqCst);
-        !(timed_out || deadline.is_some_and(|d| Instant::now() >= d) && !ready())
+        w.waiters.fetch_add(1, Ordering::Relaxed);
+        let seen = w.seq.load(Ordering::Relaxed);
+        drop(g);
+        platform::futex_wait(&w.seq, seen, Some(slice));
+        w.waiters.fetch_sub(1, Ordering::Relaxed);
+        true
     }
 
     fn closed(&self) -> bool {
@@ -558,6 +589,7 @@ impl Shared {
         }
         let deadline = wait.deadline();
         let mut write = Some(write);
+        let mut spun = false;
         loop {
             if self.closed() {
                 return Err(Error::Closed);
@@ -585,14 +617,18 @@ impl Shared {
             if self.any_in_flight() {
                 self.reap_dead(&g);
             }
-            drop(g);
             if matches!(wait, Wait::Try) {
                 return Err(Error::Full);
             }
-            if !self.wait_on(&self.hdr().space, deadline, || {
-                self.closed() || self.space_hint(rec)
-            }) {
-                return Err(Error::Full);
+            if !spun {
+                drop(g);
+                self.spin(deadline, || self.closed() || self.space_hint(rec));
+                spun = true;
+            } else {
+                spun = false;
+                if !self.sleep(g, &self.hdr().space, deadline) {
+                    return Err(Error::Full);
+                }
             }
         }
     }
@@ -615,9 +651,10 @@ impl Shared {
         g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
         g.set(&st.queued, st.queued.load(Ordering::Relaxed) + 1);
         g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
+        test_point(TestPoint::PutLocked);
         g.commit();
+        g.signal(&self.hdr().items, ITEMS);
         drop(g);
-        self.notify(&self.hdr().items, false);
         Ok(())
     }
 
@@ -630,7 +667,7 @@ impl Shared {
         self.rec_len(pos).store(len as u32, Ordering::Relaxed);
         self.rec_state(pos)
             .store(in_flight(WRITING, s), Ordering::Release);
-        g.set(&slot.pos, pos);
+        g.slot_pos(slot, pos);
         g.set(&st.tail, pos + rec_size(len as u64));
         g.set(&st.queued, st.queued.load(Ordering::Relaxed) + 1);
         g.commit();
@@ -641,6 +678,7 @@ impl Shared {
             pos,
             done: false,
         };
+        test_point(TestPoint::PutCopying);
         // SAFETY: the record is WRITING and owned by slot `s`, which this thread holds: no other
         // process reads or writes its payload until it becomes READY (or is repaired after our
         // death, by which time we no longer write).
@@ -653,11 +691,11 @@ impl Shared {
         g.set_rec(pos, READY);
         g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
         g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
-        g.set(&slot.pos, NO_POS);
+        g.slot_pos(slot, NO_POS);
         g.commit();
+        g.signal(&self.hdr().items, ITEMS);
         drop(g);
         op.release();
-        self.notify(&self.hdr().items, false);
         Ok(())
     }
 
@@ -668,61 +706,77 @@ impl Shared {
     where
         F: FnOnce(&[u8]) -> Result<R>,
     {
-        let deadline = wait.deadline();
+        let mut wait = wait;
         let st = self.st();
         let mut read = Some(read);
+        let mut spun = false;
         loop {
-            let quick = st.ready.load(Ordering::Acquire) == 0;
-            if quick && matches!(wait, Wait::Try) && !self.any_in_flight() {
-                return Err(if self.drained() {
-                    Error::Closed
-                } else {
-                    Error::Empty
-                });
-            }
-            if !quick || self.any_in_flight() || self.closed() {
-                let g = self.lock(deadline).map_err(timeout_to(Error::Empty))?;
-                if st.ready.load(Ordering::Relaxed) == 0 && self.any_in_flight() {
-                    self.reap_dead(&g);
-                }
-                let found = if st.ready.load(Ordering::Relaxed) > 0 {
-                    self.find_ready()
-                } else {
-                    None
-                };
-                if let Some((mut pos, mut head)) = found {
-                    let mut len = self.checked_len(pos)?;
-                    let mut slot = None;
-                    if len > INLINE_MAX {
-                        if let Some((s, repaired)) = self.acquire_slot(&g) {
-                            slot = Some(s);
-                            if repaired {
-                                // A dead reader's message may be READY again before ours.
-                                // (Ours stays READY: a repair only adds READY records.)
-                                if let Some((p, h)) = self.find_ready() {
-                                    (pos, head) = (p, h);
-                                }
-                                len = self.checked_len(pos)?;
-                            }
-                        }
-                    }
-                    let read = read.take().expect("the reader runs once");
-                    return match slot {
-                        None => self.get_inline(g, pos, head, len, read),
-                        Some(s) => self.get_outside(g, pos, head, len, s, read),
-                    };
-                }
+            let deadline = wait.deadline();
+            if st.ready.load(Ordering::Acquire) == 0 && !self.any_in_flight() {
+                // Nothing to take and nothing in flight: no need for the lock yet.
                 if self.drained() {
                     return Err(Error::Closed);
                 }
+                if matches!(wait, Wait::Try) {
+                    return Err(Error::Empty);
+                }
+                if !spun {
+                    self.spin(deadline, || {
+                        st.ready.load(Ordering::Acquire) > 0 || self.closed()
+                    });
+                    spun = true;
+                    continue;
+                }
+            }
+            let g = self.lock(deadline).map_err(timeout_to(Error::Empty))?;
+            if st.ready.load(Ordering::Relaxed) == 0 && self.any_in_flight() {
+                self.reap_dead(&g);
+            }
+            let found = if st.ready.load(Ordering::Relaxed) > 0 {
+                self.find_ready()
+            } else {
+                None
+            };
+            if let Some((mut pos, mut head)) = found {
+                let mut len = self.checked_len(pos)?;
+                let mut slot = None;
+                if len > INLINE_MAX {
+                    if let Some((s, repaired)) = self.acquire_slot(&g) {
+                        slot = Some(s);
+                        if repaired {
+                            // A dead reader's message may be READY again before ours (and
+                            // ours stays READY: a repair only adds READY records).
+                            if let Some((p, h)) = self.find_ready() {
+                                (pos, head) = (p, h);
+                            }
+                            len = self.checked_len(pos)?;
+                        }
+                    }
+                }
+                let read = read.take().expect("the reader runs once");
+                return match slot {
+                    None => self.get_inline(g, pos, head, len, read),
+                    Some(s) => self.get_outside(g, pos, head, len, s, read),
+                };
+            }
+            if self.drained() {
+                return Err(Error::Closed);
             }
             if matches!(wait, Wait::Try) {
                 return Err(Error::Empty);
             }
-            if !self.wait_on(&self.hdr().items, deadline, || {
-                st.ready.load(Ordering::Acquire) > 0 || self.closed()
-            }) {
-                return Err(Error::Empty);
+            if !spun {
+                drop(g);
+                self.spin(deadline, || {
+                    st.ready.load(Ordering::Acquire) > 0 || self.closed()
+                });
+                spun = true;
+            } else {
+                spun = false;
+                if !self.sleep(g, &self.hdr().items, deadline) {
+                    // Out of time: one last look without waiting.
+                    wait = Wait::Try;
+                }
             }
         }
     }
@@ -749,9 +803,10 @@ impl Shared {
         let r = read(buf);
         self.claim(&g, pos, head, DONE);
         self.reclaim(&g);
+        test_point(TestPoint::GetLocked);
         g.commit();
+        g.signal(&self.hdr().space, SPACE);
         drop(g);
-        self.notify(&self.hdr().space, false);
         r
     }
 
@@ -769,28 +824,29 @@ impl Shared {
     {
         let slot = &self.hdr().slots[s].0;
         self.claim(&g, pos, head, in_flight(READING, s));
-        g.set(&slot.pos, pos);
+        g.slot_pos(slot, pos);
         g.commit();
+        g.signal(&self.hdr().space, SPACE);
         drop(g);
-        self.notify(&self.hdr().space, false);
         let op = SlotOp {
             s: self,
             slot: s,
             pos,
             done: false,
         };
+        test_point(TestPoint::GetCopying);
         // SAFETY: the record is READING and owned by slot `s`, which this thread holds: `free`
         // cannot pass it and nobody else reads or writes it until we mark it DONE.
         let buf = unsafe { std::slice::from_raw_parts(self.payload(pos, len), len) };
         let r = read(buf);
         let g = op.finish_lock();
         g.set_rec(pos, DONE);
-        g.set(&slot.pos, NO_POS);
+        g.slot_pos(slot, NO_POS);
         self.reclaim(&g);
         g.commit();
+        g.signal(&self.hdr().space, SPACE);
         drop(g);
         op.release();
-        self.notify(&self.hdr().space, false);
         r
     }
 
@@ -800,10 +856,8 @@ impl Shared {
         let g = self.lock(None)?;
         g.set(&self.st().closed, 1);
         g.commit();
+        g.signal_all();
         drop(g);
-        for w in [&self.hdr().items, &self.hdr().space, &self.hdr().joined] {
-            self.notify(w, true);
-        }
         Ok(())
     }
 
@@ -839,23 +893,35 @@ impl Shared {
         }
         g.set(&st.unfinished, u - 1);
         g.commit();
-        drop(g);
         if u == 1 {
-            self.notify(&self.hdr().joined, false);
+            g.signal(&self.hdr().joined, JOINED);
         }
+        drop(g);
         Ok(())
     }
 
     /// Waits until every item put has been marked done. `Err(Timeout)` when `wait` runs out.
     pub(crate) fn join(&self, wait: Wait) -> Result<()> {
         let deadline = wait.deadline();
+        let mut spun = false;
         loop {
             if self.unfinished() == 0 {
                 return Ok(());
             }
-            if matches!(wait, Wait::Try)
-                || !self.wait_on(&self.hdr().joined, deadline, || self.unfinished() == 0)
-            {
+            if matches!(wait, Wait::Try) {
+                return Err(Error::Timeout);
+            }
+            if !spun {
+                self.spin(deadline, || self.unfinished() == 0);
+                spun = true;
+                continue;
+            }
+            spun = false;
+            let g = self.lock(deadline)?;
+            if self.unfinished() == 0 {
+                return Ok(());
+            }
+            if !self.sleep(g, &self.hdr().joined, deadline) {
                 return if self.unfinished() == 0 {
                     Ok(())
                 } else {
@@ -885,9 +951,45 @@ fn size_changed(len: usize, n: usize) -> Error {
 /// changes, and so does the next locker if the holder died.
 struct Guard<'a> {
     s: &'a Shared,
+    /// Futexes to wake once the lock is released (`ITEMS`, `SPACE`, `JOINED` bits).
+    wake: Cell<u8>,
 }
 
+const ITEMS: u8 = 1;
+const SPACE: u8 = 2;
+const JOINED: u8 = 4;
+
 impl Guard<'_> {
+    /// After a change others may wait for: if sleepers are registered on `w` (they register
+    /// under this lock, so none is missed), bumps its sequence now and wakes them after unlock.
+    fn signal(&self, w: &Line<Wake>, bit: u8) {
+        if w.0.waiters.load(Ordering::Relaxed) > 0 {
+            w.0.seq.fetch_add(1, Ordering::Relaxed);
+            self.wake.set(self.wake.get() | bit);
+        }
+    }
+
+    /// Wakes everyone, registered or not (for `close`).
+    fn signal_all(&self) {
+        let h = self.s.hdr();
+        for w in [&h.items, &h.space, &h.joined] {
+            w.0.seq.fetch_add(1, Ordering::Relaxed);
+        }
+        self.wake.set(ITEMS | SPACE | JOINED);
+    }
+
+    /// Sets a slot's in-flight position, keeping the `inflight` count.
+    fn slot_pos(&self, slot: &Slot, pos: u64) {
+        let st = self.s.st();
+        let was = slot.pos.load(Ordering::Relaxed) != NO_POS;
+        let now = pos != NO_POS;
+        self.set(&slot.pos, pos);
+        if was != now {
+            let n = st.inflight.load(Ordering::Relaxed);
+            self.set(&st.inflight, if now { n + 1 } else { n.saturating_sub(1) });
+        }
+    }
+
     fn key_of(&self, p: *const u8, wide32: bool) -> u64 {
         let off = p as usize - self.s.map.as_ptr() as usize;
         off as u64 | if wide32 { KEY_U32 } else { 0 }
@@ -952,6 +1054,15 @@ impl Drop for Guard<'_> {
     fn drop(&mut self) {
         self.rollback();
         let _ = self.s.hdr().lock.0.unlock();
+        let wake = self.wake.get();
+        if wake != 0 {
+            let h = self.s.hdr();
+            for (bit, w) in [(ITEMS, &h.items), (SPACE, &h.space), (JOINED, &h.joined)] {
+                if wake & bit != 0 {
+                    platform::futex_wake(&w.0.seq, u32::MAX);
+                }
+            }
+        }
     }
 }
 
@@ -999,12 +1110,12 @@ impl Drop for SlotOp<'_> {
             g.set(&st.queued, st.queued.load(Ordering::Relaxed).saturating_sub(1));
         }
         g.set_rec(self.pos, DONE);
-        g.set(&s.hdr().slots[self.slot].0.pos, NO_POS);
+        g.slot_pos(&s.hdr().slots[self.slot].0, NO_POS);
         s.reclaim(&g);
         g.commit();
+        g.signal(&s.hdr().space, SPACE);
         drop(g);
         let _ = s.hdr().slots[self.slot].0.mutex.unlock();
-        s.notify(&s.hdr().space, false);
     }
 }
 
