@@ -12,8 +12,13 @@ use std::time::{Duration, Instant};
 
 use multiproc::{Process, Queue};
 
-/// What each worker runs: take numbers until the sentinel, answer `(pid, number, is_prime)`.
-fn check_prime((qin, qout): (Queue<Option<u64>>, Queue<(u32, u64, bool)>)) {
+/// A number to check, or `None`: the sentinel that tells a worker to stop.
+type Job = Option<u64>;
+/// `(worker pid, number, is_prime)`.
+type Answer = (u32, u64, bool);
+
+/// What each worker runs: take numbers until the sentinel, answer each one.
+fn check_prime((qin, qout): (Queue<Job>, Queue<Answer>)) {
     while let Some(num) = qin.get().expect("input queue") {
         std::thread::sleep(Duration::from_millis(100)); // the seed's `time.sleep(0.1)`
         let is_prime = num >= 2 && (2..num).all(|i| num % i != 0);
@@ -26,8 +31,8 @@ fn main() -> multiproc::Result<()> {
     multiproc::init();
     let tic = Instant::now();
     let numbers = [222377u64, 3334, 2212, 3345, 23441, 454577, 341737, 565633];
-    let in_qu: Queue<Option<u64>> = Queue::new()?;
-    let out_qu: Queue<(u32, u64, bool)> = Queue::new()?;
+    let in_qu: Queue<Job> = Queue::new()?;
+    let out_qu: Queue<Answer> = Queue::new()?;
     for &n in &numbers {
         in_qu.put(Some(n))?;
     }
@@ -44,7 +49,7 @@ fn main() -> multiproc::Result<()> {
     }
 
     // One answer per number: no `empty()` polling needed, and nothing can be missed.
-    let results: Vec<(u32, u64, bool)> = numbers
+    let results: Vec<Answer> = numbers
         .iter()
         .map(|_| out_qu.get_timeout(Duration::from_secs(60)))
         .collect::<multiproc::Result<_>>()?;

@@ -38,11 +38,7 @@ fn main() -> multiproc::Result<()> {
     }
     // Block until every task has been taken *and* marked done (bounded, to be safe).
     tasks.join_timeout(Duration::from_secs(60))?;
-    println!(
-        "all {} tasks done by {} workers",
-        100,
-        workers.len()
-    );
+    println!("all {} tasks done by {} workers", 100, workers.len());
 
     // Every result is already in the queue: each task_done came after its put.
     let mut total = 0;

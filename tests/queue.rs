@@ -77,20 +77,20 @@ fn byte_capacity_gives_backpressure_and_refuses_oversized_messages() {
     ));
     let m = ByteBuf::from(vec![7u8; 1000]);
     let mut n = 0;
-    while q.try_put(&m).is_ok() {
+    while q.try_put_ref(&m).is_ok() {
         n += 1;
         assert!(n < 10, "a 4 KiB ring cannot hold 10 KB");
     }
     assert!(n >= 3);
-    assert!(q.full() || matches!(q.try_put(&m), Err(Error::Full)));
+    assert!(q.full() || matches!(q.try_put_ref(&m), Err(Error::Full)));
     for _ in 0..n {
         assert_eq!(q.get().unwrap(), m);
     }
     // Drained, then it cycles without losing anything.
     for round in 0..50u8 {
         let m = ByteBuf::from(vec![round; 100 + round as usize * 13]);
-        q.put(&m).unwrap();
-        q.put(&m).unwrap();
+        q.put_ref(&m).unwrap();
+        q.put_ref(&m).unwrap();
         assert_eq!(q.get().unwrap(), m);
         assert_eq!(q.get().unwrap(), m);
     }
@@ -115,7 +115,10 @@ fn a_value_that_does_not_serialize_fails_at_put() {
     assert!(q.empty());
     // A handle cannot travel inside a message either.
     let qq: Queue<Queue<u8>> = Queue::new().unwrap();
-    assert!(matches!(qq.put(Queue::new().unwrap()), Err(Error::Encode(_))));
+    assert!(matches!(
+        qq.put(Queue::new().unwrap()),
+        Err(Error::Encode(_))
+    ));
     assert!(qq.empty());
 }
 

@@ -60,7 +60,11 @@ fn victim_get((q, tell, point): (Queue<Msg>, Queue<TestPointId>, TestPointId)) {
 /// Starts `p`, waits until it reports being at `point`, and SIGKILLs it there.
 fn kill_inside(mut p: Process, tell: &Queue<TestPointId>, point: TestPointId) {
     p.start().unwrap();
-    assert_eq!(tell.get_timeout(LONG).unwrap(), point, "victim reached the point");
+    assert_eq!(
+        tell.get_timeout(LONG).unwrap(),
+        point,
+        "victim reached the point"
+    );
     p.kill().unwrap();
     let st = p.join_timeout(LONG).unwrap().expect("victim died");
     assert_eq!(st.code(), -9);
@@ -189,7 +193,11 @@ fn kill_producers_while_streaming(size: usize, rounds: u64) {
         let take = 5 + (round * 7919) % 60;
         for k in 0..take {
             let (i, data) = q.get_timeout(LONG).unwrap();
-            assert_eq!(i, start + k, "round {round}: in order, no gap, no duplicate");
+            assert_eq!(
+                i,
+                start + k,
+                "round {round}: in order, no gap, no duplicate"
+            );
             assert_eq!(data.len(), size);
         }
         p.kill().unwrap();
@@ -247,7 +255,7 @@ fn kill_consumers_while_streaming(size: usize, kills: usize) {
         })
     };
     let mut seen = HashSet::new();
-    let mut record = |i: u64, seen: &mut HashSet<u64>| {
+    let record = |i: u64, seen: &mut HashSet<u64>| {
         assert!(seen.insert(i), "message {i} delivered twice");
     };
     for kill in 0..kills {

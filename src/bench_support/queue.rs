@@ -17,7 +17,7 @@ fn producer((q, ready, go, n, size): (Queue<Msg>, Queue<()>, Queue<()>, u64, usi
     ready.put(()).expect("ready signal");
     go.get().expect("go signal");
     for _ in 0..n {
-        q.put(&msg).expect("put");
+        q.put_ref(&msg).expect("put");
     }
     q.put(None).expect("put sentinel");
 }

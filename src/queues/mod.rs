@@ -21,7 +21,7 @@
 //! let mut p = Process::new(worker, (jobs.clone(), results.clone()));
 //! p.start().unwrap();
 //! for n in 1..=3 {
-//!     jobs.put(n).unwrap();
+//!     jobs.put(Some(n)).unwrap();
 //! }
 //! jobs.put(None).unwrap(); // a sentinel: "no more work"
 //! let mut got: Vec<u64> = (0..3).map(|_| results.get().unwrap()).collect();
@@ -65,7 +65,6 @@
 
 mod ring;
 
-use std::borrow::Borrow;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ops::Deref;
@@ -177,24 +176,34 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// Puts `item`, waiting as long as the queue is full. Fails with [`Error::Closed`] if the
     /// queue is (or gets) closed, [`Error::Encode`] if the value does not serialize (nothing
     /// is put then), [`Error::InvalidArgument`] if it is larger than the whole ring.
-    ///
-    /// Takes the item by value or by reference (`q.put(x)` or `q.put(&x)`).
-    pub fn put(&self, item: impl Borrow<T>) -> Result<()> {
-        self.put_with(item.borrow(), Wait::Until(None))
+    pub fn put(&self, item: T) -> Result<()> {
+        self.put_with(&item, Wait::Until(None))
+    }
+
+    /// As [`put`](Queue::put), but serializes from a reference (no clone of a large value,
+    /// and the caller keeps it whatever happens).
+    pub fn put_ref(&self, item: &T) -> Result<()> {
+        self.put_with(item, Wait::Until(None))
     }
 
     /// As [`put`](Queue::put), but gives up with [`Error::Full`] after `timeout`.
-    pub fn put_timeout(&self, item: impl Borrow<T>, timeout: Duration) -> Result<()> {
-        self.put_with(item.borrow(), Wait::timeout(timeout))
+    pub fn put_timeout(&self, item: T, timeout: Duration) -> Result<()> {
+        self.put_with(&item, Wait::timeout(timeout))
     }
 
     /// As [`put`](Queue::put), but fails with [`Error::Full`] at once instead of waiting.
-    pub fn try_put(&self, item: impl Borrow<T>) -> Result<()> {
-        self.put_with(item.borrow(), Wait::Try)
+    pub fn try_put(&self, item: T) -> Result<()> {
+        self.put_with(&item, Wait::Try)
+    }
+
+    /// As [`try_put`](Queue::try_put), from a reference (the caller keeps the value when the
+    /// queue is full).
+    pub fn try_put_ref(&self, item: &T) -> Result<()> {
+        self.put_with(item, Wait::Try)
     }
 
     /// Python's name for [`try_put`](Queue::try_put).
-    pub fn put_nowait(&self, item: impl Borrow<T>) -> Result<()> {
+    pub fn put_nowait(&self, item: T) -> Result<()> {
         self.try_put(item)
     }
 
@@ -339,7 +348,7 @@ impl<T: Serialize + DeserializeOwned> SimpleQueue<T> {
     }
 
     /// Puts `item` (see [`Queue::put`]).
-    pub fn put(&self, item: impl Borrow<T>) -> Result<()> {
+    pub fn put(&self, item: T) -> Result<()> {
         self.0.put(item)
     }
 

@@ -97,9 +97,9 @@ pub(crate) fn placement(cap: u64, free: u64, tail: u64, rec: u64, soft: u64) -> 
     let used = tail - free;
     let off = tail % cap;
     let to_end = cap - off;
-    let pad = if rec > to_end {
-        to_end
-    } else if off >= soft && used <= off / 2 && rec <= off - used {
+    // Pad to the end when the record does not fit before it, or to wrap early.
+    let wrap_early = off >= soft && used <= off / 2 && rec <= off - used;
+    let pad = if rec > to_end || wrap_early {
         to_end
     } else {
         0
@@ -252,12 +252,7 @@ impl Shared {
 
     fn from_parts(map: Mapping, fd: OwnedFd, cap: u64) -> Shared {
         let soft = (cap / 2).min(4 << 20);
-        Shared {
-            map,
-            fd,
-            cap,
-            soft,
-        }
+        Shared { map, fd, cap, soft }
     }
 
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
@@ -322,7 +317,9 @@ impl Shared {
         let len = self.rec_len(pos).load(Ordering::Relaxed) as u64;
         let off = pos % self.cap;
         if off + REC_HDR + len > self.cap {
-            return Err(Error::Decode("queue record overruns the ring (corrupt queue)".into()));
+            return Err(Error::Decode(
+                "queue record overruns the ring (corrupt queue)".into(),
+            ));
         }
         Ok(len as usize)
     }
@@ -405,7 +402,8 @@ impl Shared {
         let tail = st.tail.load(Ordering::Relaxed);
         let pad = placement(self.cap, free, tail, rec_size(len), self.soft)?;
         if pad > 0 {
-            self.rec_len(tail).store((pad - REC_HDR) as u32, Ordering::Relaxed);
+            self.rec_len(tail)
+                .store((pad - REC_HDR) as u32, Ordering::Relaxed);
             self.rec_state(tail).store(PAD, Ordering::Release);
         }
         Some(tail + pad)
@@ -472,7 +470,10 @@ impl Shared {
         let state = self.rec_state(pos).load(Ordering::Acquire);
         if state == in_flight(WRITING, s) {
             g.set_rec(pos, DONE);
-            g.set(&st.queued, st.queued.load(Ordering::Relaxed).saturating_sub(1));
+            g.set(
+                &st.queued,
+                st.queued.load(Ordering::Relaxed).saturating_sub(1),
+            );
         } else if state == in_flight(READING, s) {
             g.set_rec(pos, READY);
             g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
@@ -791,7 +792,10 @@ impl Shared {
         g.set_rec(pos, state);
         g.set(&st.head, head);
         g.set(&st.ready, st.ready.load(Ordering::Relaxed) - 1);
-        g.set(&st.queued, st.queued.load(Ordering::Relaxed).saturating_sub(1));
+        g.set(
+            &st.queued,
+            st.queued.load(Ordering::Relaxed).saturating_sub(1),
+        );
     }
 
     fn get_inline<R, F>(&self, g: Guard<'_>, pos: u64, head: u64, len: usize, read: F) -> Result<R>
@@ -1107,7 +1111,10 @@ impl Drop for SlotOp<'_> {
         let g = self.finish_lock();
         let state = s.rec_state(self.pos).load(Ordering::Acquire);
         if state == in_flight(WRITING, self.slot) {
-            g.set(&st.queued, st.queued.load(Ordering::Relaxed).saturating_sub(1));
+            g.set(
+                &st.queued,
+                st.queued.load(Ordering::Relaxed).saturating_sub(1),
+            );
         }
         g.set_rec(self.pos, DONE);
         g.slot_pos(&s.hdr().slots[self.slot].0, NO_POS);
@@ -1178,7 +1185,10 @@ mod tests {
                 let v = s.get(|b| Ok(b.to_vec()), Wait::Try).unwrap();
                 assert_eq!(v, vec![round, i, 7]);
             }
-            assert!(matches!(s.get(|b| Ok(b.len()), Wait::Try), Err(Error::Empty)));
+            assert!(matches!(
+                s.get(|b| Ok(b.len()), Wait::Try),
+                Err(Error::Empty)
+            ));
             // Drained: the ring restarts at 0.
             assert_eq!(s.st().tail.load(Ordering::Relaxed), 0);
         }
@@ -1216,7 +1226,11 @@ mod tests {
         assert!(matches!(r, Err(Error::Encode(_))));
         assert_eq!(s.qsize(), 0);
         assert_eq!(s.st().queued.load(Ordering::Relaxed), 0);
-        assert_eq!(s.st().tail.load(Ordering::Relaxed), 0, "the dropped record was reclaimed");
+        assert_eq!(
+            s.st().tail.load(Ordering::Relaxed),
+            0,
+            "the dropped record was reclaimed"
+        );
     }
 
     #[test]
