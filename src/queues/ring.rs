@@ -138,10 +138,13 @@ struct State {
     inflight: AtomicU64,
 }
 
+/// A futex word and a "someone sleeps" flag, both changed under the main lock.
 #[repr(C)]
 struct Wake {
     seq: AtomicU32,
-    waiters: AtomicU32,
+    /// Set by a caller about to sleep on `seq`; cleared by the first waker, which wakes every
+    /// sleeper at once. Later changes then make no system call until someone sleeps again.
+    sleeping: AtomicU32,
 }
 
 #[repr(C)]
@@ -544,11 +547,10 @@ impl Shared {
         if slice.is_zero() {
             return false;
         }
-        w.waiters.fetch_add(1, Ordering::Relaxed);
+        w.sleeping.store(1, Ordering::Relaxed);
         let seen = w.seq.load(Ordering::Relaxed);
         drop(g);
         platform::futex_wait(&w.seq, seen, Some(slice));
-        w.waiters.fetch_sub(1, Ordering::Relaxed);
         true
     }
 
@@ -964,10 +966,12 @@ const SPACE: u8 = 2;
 const JOINED: u8 = 4;
 
 impl Guard<'_> {
-    /// After a change others may wait for: if sleepers are registered on `w` (they register
-    /// under this lock, so none is missed), bumps its sequence now and wakes them after unlock.
+    /// After a change others may wait for: if someone sleeps on `w` (sleepers announce it
+    /// under this lock, so none is missed), bumps its sequence now and wakes them all after
+    /// unlock.
     fn signal(&self, w: &Line<Wake>, bit: u8) {
-        if w.0.waiters.load(Ordering::Relaxed) > 0 {
+        if w.0.sleeping.load(Ordering::Relaxed) != 0 {
+            w.0.sleeping.store(0, Ordering::Relaxed);
             w.0.seq.fetch_add(1, Ordering::Relaxed);
             self.wake.set(self.wake.get() | bit);
         }
@@ -977,6 +981,7 @@ impl Guard<'_> {
     fn signal_all(&self) {
         let h = self.s.hdr();
         for w in [&h.items, &h.space, &h.joined] {
+            w.0.sleeping.store(0, Ordering::Relaxed);
             w.0.seq.fetch_add(1, Ordering::Relaxed);
         }
         self.wake.set(ITEMS | SPACE | JOINED);
