@@ -690,7 +690,7 @@ impl Shared {
         if n != len {
             return Err(size_changed(len, n));
         }
-        let g = op.finish_lock();
+        let g = op.finish_lock()?;
         g.set_rec(pos, READY);
         g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
         g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
@@ -845,7 +845,7 @@ impl Shared {
         // cannot pass it and nobody else reads or writes it until we mark it DONE.
         let buf = unsafe { std::slice::from_raw_parts(self.payload(pos, len), len) };
         let r = read(buf);
-        let g = op.finish_lock();
+        let g = op.finish_lock()?;
         g.set_rec(pos, DONE);
         g.slot_pos(slot, NO_POS);
         self.reclaim(&g);
@@ -1087,17 +1087,10 @@ struct SlotOp<'a> {
 
 impl<'a> SlotOp<'a> {
     /// Takes the main lock to finish the operation. Waits without a deadline: the lock is only
-    /// ever held briefly, and a dead holder hands it over at once.
-    fn finish_lock(&self) -> Guard<'a> {
-        loop {
-            match self.s.lock(None) {
-                Ok(g) => return g,
-                Err(e) => {
-                    tracing::warn!("queue lock failed while finishing an operation: {e}");
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-            }
-        }
+    /// ever held briefly, and a dead holder hands it over at once. Fails only if the lock is
+    /// unusable (then the whole queue is).
+    fn finish_lock(&self) -> Result<Guard<'a>> {
+        self.s.lock(None)
     }
 
     fn release(mut self) {
@@ -1113,7 +1106,10 @@ impl Drop for SlotOp<'_> {
         }
         let s = self.s;
         let st = s.st();
-        let g = self.finish_lock();
+        let Ok(g) = self.finish_lock() else {
+            let _ = s.hdr().slots[self.slot].0.mutex.unlock();
+            return;
+        };
         let state = s.rec_state(self.pos).load(Ordering::Acquire);
         if state == in_flight(WRITING, self.slot) {
             g.set(
