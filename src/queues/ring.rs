@@ -28,7 +28,9 @@ const KEY_U32: u64 = 1 << 63;
 /// How long a blocked caller sleeps before it looks again for dead peers (bounded recovery).
 const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// How long to busy-wait before sleeping on a futex (waking an idle vCPU costs tens of µs).
-const SPIN_FOR: Duration = Duration::from_micros(50);
+const SPIN_FOR: Duration = Duration::from_micros(200);
+/// The first part of that wait spins without yielding the CPU.
+const SPIN_ONLY_FOR: Duration = Duration::from_micros(20);
 /// `try_lock` attempts (with growing pauses between them) before blocking in the kernel.
 const SPIN_LOCK: u32 = 200;
 
@@ -519,18 +521,26 @@ impl Shared {
     // Waiting and waking
     // -----------------------------------------------------------------------------------------
 
-    /// Busy-waits (briefly) until `hint()` or the deadline.
+    /// Busy-waits (briefly) until `hint()` or the deadline: spins a few microseconds, then
+    /// yields the CPU between looks (the peer may be waiting for this very CPU).
     fn spin(&self, deadline: Option<Instant>, hint: impl Fn() -> bool) {
         let start = Instant::now();
         let mut i = 0u32;
+        let mut yielding = false;
         while !hint() {
-            std::hint::spin_loop();
+            if yielding {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
             i = i.wrapping_add(1);
-            if i % 64 == 0 {
+            if yielding || i % 64 == 0 {
                 let now = Instant::now();
-                if now - start >= SPIN_FOR || deadline.is_some_and(|d| now >= d) {
+                let spent = now - start;
+                if spent >= SPIN_FOR || deadline.is_some_and(|d| now >= d) {
                     return;
                 }
+                yielding = spent >= SPIN_ONLY_FOR;
             }
         }
     }
