@@ -154,8 +154,12 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
     /// assert_eq!(q.byte_capacity(), 4096);
     /// ```
     pub fn with_limits(maxsize: usize, bytes: usize) -> Result<Queue<T>> {
+        Queue::create(maxsize, bytes, false)
+    }
+
+    fn create(maxsize: usize, bytes: usize, joinable: bool) -> Result<Queue<T>> {
         Ok(Queue {
-            ring: Arc::new(Shared::create(bytes, maxsize as u64)?),
+            ring: Arc::new(Shared::create(bytes, maxsize as u64, joinable)?),
             _t: PhantomData,
         })
     }
@@ -426,17 +430,17 @@ impl<T> fmt::Debug for JoinableQueue<T> {
 impl<T: Serialize + DeserializeOwned> JoinableQueue<T> {
     /// An unbounded joinable queue (see [`Queue::new`]).
     pub fn new() -> Result<JoinableQueue<T>> {
-        Ok(JoinableQueue(Queue::new()?))
+        JoinableQueue::with_limits(0, DEFAULT_BYTE_CAPACITY)
     }
 
     /// A joinable queue of at most `maxsize` messages (see [`Queue::bounded`]).
     pub fn bounded(maxsize: usize) -> Result<JoinableQueue<T>> {
-        Ok(JoinableQueue(Queue::bounded(maxsize)?))
+        JoinableQueue::with_limits(maxsize, DEFAULT_BYTE_CAPACITY)
     }
 
     /// A joinable queue with explicit limits (see [`Queue::with_limits`]).
     pub fn with_limits(maxsize: usize, bytes: usize) -> Result<JoinableQueue<T>> {
-        Ok(JoinableQueue(Queue::with_limits(maxsize, bytes)?))
+        Ok(JoinableQueue(Queue::create(maxsize, bytes, true)?))
     }
 }
 

@@ -117,6 +117,8 @@ struct Fixed {
     magic: AtomicU64,
     cap: AtomicU64,
     maxsize: AtomicU64,
+    /// Non-zero for a JoinableQueue: puts count unfinished tasks.
+    joinable: AtomicU64,
 }
 
 /// Fields changed only under the main lock (through the undo log); read without it as hints.
@@ -213,7 +215,7 @@ thread_local! {
 
 impl Shared {
     /// A new ring of `cap` bytes (rounded up to 8) limited to `maxsize` messages (0: no limit).
-    pub(crate) fn create(cap: usize, maxsize: u64) -> Result<Shared> {
+    pub(crate) fn create(cap: usize, maxsize: u64, joinable: bool) -> Result<Shared> {
         let cap = cap.max(MIN_CAPACITY).next_multiple_of(8);
         if cap > u32::MAX as usize {
             return Err(Error::arg("queue byte capacity above 4 GiB"));
@@ -235,6 +237,7 @@ impl Shared {
         }
         h.fixed.0.cap.store(cap as u64, Ordering::Relaxed);
         h.fixed.0.maxsize.store(maxsize, Ordering::Relaxed);
+        h.fixed.0.joinable.store(joinable as u64, Ordering::Relaxed);
         h.fixed.0.magic.store(MAGIC, Ordering::Release);
         Ok(s)
     }
@@ -266,6 +269,10 @@ impl Shared {
 
     pub(crate) fn capacity(&self) -> usize {
         self.cap as usize
+    }
+
+    fn joinable(&self) -> bool {
+        self.hdr().fixed.0.joinable.load(Ordering::Relaxed) != 0
     }
 
     pub(crate) fn maxsize(&self) -> u64 {
@@ -663,7 +670,9 @@ impl Shared {
         g.set(&st.tail, pos + rec_size(len as u64));
         g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
         g.set(&st.queued, st.queued.load(Ordering::Relaxed) + 1);
-        g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
+        if self.joinable() {
+            g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
+        }
         test_point(TestPoint::PutLocked);
         g.commit();
         g.signal(&self.hdr().items, ITEMS);
@@ -703,7 +712,9 @@ impl Shared {
         let g = op.finish_lock()?;
         g.set_rec(pos, READY);
         g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
-        g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
+        if self.joinable() {
+            g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
+        }
         g.slot_pos(slot, NO_POS);
         g.commit();
         g.signal(&self.hdr().items, ITEMS);
@@ -1178,7 +1189,7 @@ mod tests {
 
     #[test]
     fn put_get_round_trip_and_reset() {
-        let s = Shared::create(4096, 0).unwrap();
+        let s = Shared::create(4096, 0, false).unwrap();
         for round in 0..100u8 {
             for i in 0..10u8 {
                 s.put(
@@ -1207,7 +1218,7 @@ mod tests {
 
     #[test]
     fn large_records_use_slots() {
-        let s = Shared::create(1 << 20, 0).unwrap();
+        let s = Shared::create(1 << 20, 0, false).unwrap();
         let big = vec![5u8; INLINE_MAX * 4];
         for _ in 0..20 {
             s.put(
@@ -1227,12 +1238,12 @@ mod tests {
 
     #[test]
     fn failed_writer_leaves_nothing() {
-        let s = Shared::create(4096, 0).unwrap();
+        let s = Shared::create(4096, 0, false).unwrap();
         let r = s.put(8, |_| Err(Error::Encode("no".into())), Wait::Try);
         assert!(matches!(r, Err(Error::Encode(_))));
         assert_eq!(s.qsize(), 0);
         let big = INLINE_MAX + 8;
-        let s = Shared::create(1 << 20, 0).unwrap();
+        let s = Shared::create(1 << 20, 0, false).unwrap();
         let r = s.put(big, |_| Err(Error::Encode("no".into())), Wait::Try);
         assert!(matches!(r, Err(Error::Encode(_))));
         assert_eq!(s.qsize(), 0);
@@ -1246,7 +1257,7 @@ mod tests {
 
     #[test]
     fn rollback_undoes_uncommitted_changes() {
-        let s = Shared::create(4096, 0).unwrap();
+        let s = Shared::create(4096, 0, false).unwrap();
         {
             let g = s.lock(None).unwrap();
             g.set(&s.st().ready, 42);
