@@ -81,7 +81,8 @@ pub(crate) fn decode_plain<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
 /// Size of `v` encoded as plain data, without encoding it: for writers that reserve room first
 /// and then encode in place (the queue ring). Fails for values holding handles.
 pub(crate) fn encoded_size_plain<T: Serialize + ?Sized>(v: &T) -> Result<usize> {
-    postcard::serialize_with_flavor(v, postcard::ser_flavors::Size::default()).map_err(|e| Error::Encode(e.to_string()))
+    postcard::serialize_with_flavor(v, postcard::ser_flavors::Size::default())
+        .map_err(|e| Error::Encode(e.to_string()))
 }
 
 /// Encodes plain data straight into `buf`; returns how many bytes it used. Fails if `buf` is
