@@ -312,3 +312,30 @@ fn killing_small_consumers_at_random_duplicates_nothing() {
 fn killing_large_consumers_at_random_duplicates_nothing() {
     kill_consumers_while_streaming(BIG, 8);
 }
+
+fn sleeping_getter(q: Queue<Msg>) {
+    let _ = q.get();
+}
+
+#[test]
+fn a_getter_killed_while_asleep_leaves_no_trace() {
+    let q: Queue<Msg> = Queue::new().unwrap();
+    let mut victims: Vec<Process> = (0..3)
+        .map(|_| Process::new(sleeping_getter, q.clone()))
+        .collect();
+    for v in &mut victims {
+        v.start().unwrap();
+    }
+    // Give them time to reach the futex (the assertions hold either way: this only makes the
+    // interesting case likely); a getter thread here blocks too.
+    std::thread::sleep(Duration::from_millis(300));
+    let q2 = q.clone();
+    let waiter = std::thread::spawn(move || q2.get_timeout(LONG));
+    for v in &victims {
+        v.kill().unwrap();
+        v.join_timeout(LONG).unwrap().expect("victim died");
+    }
+    q.put(msg(5, 10)).unwrap();
+    assert_eq!(waiter.join().unwrap().unwrap(), msg(5, 10));
+    check_queue_still_works(&q, 10);
+}
