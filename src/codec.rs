@@ -68,6 +68,27 @@ pub(crate) fn decode_plain<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     decode(bytes, Vec::new())
 }
 
+/// Size of `v` encoded as plain data, without encoding it: for writers that reserve room first
+/// and then encode in place (the queue ring). Fails for values holding handles.
+pub(crate) fn encoded_size_plain<T: Serialize + ?Sized>(v: &T) -> Result<usize> {
+    postcard::serialize_with_flavor(v, postcard::ser_flavors::Size::default())
+        .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Encodes plain data straight into `buf`; returns how many bytes it used. Fails if `buf` is
+/// too small or `v` holds a handle.
+pub(crate) fn encode_plain_to_slice<T: Serialize + ?Sized>(v: &T, buf: &mut [u8]) -> Result<usize> {
+    postcard::to_slice(v, buf)
+        .map(|used| used.len())
+        .map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Deserializes plain data straight from `bytes`, without the handle side channel (a handle
+/// inside fails): the fast path for data that cannot carry handles (queue messages).
+pub(crate) fn decode_plain_only<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Decode(e.to_string()))
+}
+
 /// For a handle's `Serialize`: records `fd` to travel with the message and writes its index.
 pub(crate) fn serialize_fd<S: Serializer>(fd: BorrowedFd<'_>, s: S) -> Result<S::Ok, S::Error> {
     let idx = OUT_FDS.with(|c| {

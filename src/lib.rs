@@ -36,6 +36,7 @@ mod function;
 mod heap;
 mod platform;
 pub mod process;
+pub mod queues;
 pub mod shared_memory;
 pub mod sharedctypes;
 mod start;
@@ -50,6 +51,7 @@ pub use process::{
     ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, Worker, active_children,
     cpu_count, current_process, parent_process, process_cpu_count, spawn, spawn_in,
 };
+pub use queues::{JoinableQueue, Queue, SimpleQueue};
 pub use serde_bytes;
 pub use shared_memory::SharedMemory;
 pub use sharedctypes::{Array, ArrayGuard, Pod, RawArray, RawValue, Value, ValueGuard};

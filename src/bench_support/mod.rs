@@ -10,10 +10,12 @@
 //! unit.
 
 pub mod process;
+pub mod queue;
 pub mod raw;
 pub mod sync;
 pub mod workloads;
 
+pub use queue::{queue_large, queue_small, queue_transfer};
 pub use sync::value_lock;
 
 use std::time::Instant;

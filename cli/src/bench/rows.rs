@@ -62,7 +62,12 @@ pub const ROWS: &[Row] = &[
         id: "queue_small",
         unit: "msg/s",
         higher_is_better: true,
-        multiproc: none, // TODO(queue): 8-byte messages, one producer process, one consumer
+        multiproc: |c| {
+            sample(
+                bench_support::queue_small(c.size(200_000, 20_000) as u64),
+                1.0,
+            )
+        },
         python: |c| {
             c.py(
                 "mp_queue.py",
@@ -75,7 +80,7 @@ pub const ROWS: &[Row] = &[
         id: "queue_large",
         unit: "GB/s",
         higher_is_better: true,
-        multiproc: none, // TODO(queue): 1 MiB messages
+        multiproc: |c| sample(bench_support::queue_large(c.size(1_000, 100) as u64), 1e-9),
         python: |c| {
             c.py(
                 "mp_queue.py",
