@@ -32,6 +32,7 @@ pub mod error;
 mod frame;
 mod function;
 mod platform;
+pub mod pool;
 pub mod process;
 mod start;
 
@@ -40,6 +41,7 @@ pub use context::{
 };
 pub use error::{Error, ExitStatus, Result};
 pub use function::build_id;
+pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
 pub use process::{
     ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, active_children, cpu_count,
     current_process, parent_process, process_cpu_count, spawn, spawn_in,

@@ -899,3 +899,71 @@ impl RawRobustMutex {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pool support: a reusable poll set, a clock shared by processes, atomics in a mapping
+// ---------------------------------------------------------------------------------------------
+
+/// Re-exported so callers can build a poll set they keep between calls (no allocation per wait).
+pub(crate) type PollFd = libc::pollfd;
+
+/// Readiness flags of [`PollFd`].
+pub(crate) const POLLIN: i16 = libc::POLLIN;
+/// See [`POLLIN`].
+pub(crate) const POLLOUT: i16 = libc::POLLOUT;
+
+/// A [`PollFd`] entry for `fd` with `events`.
+pub(crate) fn pollfd(fd: BorrowedFd<'_>, events: i16) -> PollFd {
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    }
+}
+
+/// `poll(2)` on a caller-kept set, once (`EINTR` counts as "nothing ready"). `timeout_ms < 0`
+/// waits forever. Returns how many entries have `revents` set.
+pub(crate) fn poll_set(set: &mut [PollFd], timeout_ms: i32) -> Result<usize> {
+    // SAFETY: set is a valid, writable array of pollfd of the given length.
+    let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e.into());
+    }
+    Ok(r as usize)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the machine, so a time
+/// written by one process can be compared with another's.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Mapping {
+    /// The `i`-th aligned `u64` of the mapping as an atomic (panics if out of range).
+    pub(crate) fn atomic_u64(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!((i + 1) * 8 <= self.len, "atomic_u64 index out of the mapping");
+        // SAFETY: the mapping is page aligned, so offset i*8 is 8-aligned; it is in range (checked
+        // above) and lives as long as &self. Shared memory is only ever accessed atomically
+        // through this view by the pool (worker and parent).
+        unsafe { &*(self.ptr.add(i * 8) as *const std::sync::atomic::AtomicU64) }
+    }
+}
+
+/// Duplicates a raw descriptor that belongs to a live value (a handle being serialized), so the
+/// copy outlives that value (close-on-exec).
+pub(crate) fn dup_raw(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: callers pass descriptors collected by `codec::encode_into` from handles that are
+    // alive for this call; borrowing one for the duration of `dup` is sound.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    dup(b)
+}

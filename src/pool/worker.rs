@@ -1,0 +1,300 @@
+//! The child side of a pool: the worker loop and the chunk functions it runs.
+//!
+//! A worker is an ordinary `multiproc` child whose entry is [`worker_main`]: it decodes its
+//! boot message (its socket, its shared page, the initializer's arguments), runs the
+//! initializer, says "ready", then serves task frames until told to exit, until its parent goes
+//! away, or until it has run `maxtasksperchild` tasks.
+//!
+//! Invariants the scheduler relies on:
+//! * tasks run in the order they arrive, one at a time;
+//! * before a task runs, its sequence number (and start time) is in the shared page, and it is
+//!   cleared after: a death or a timeout blames exactly that task;
+//! * results are batched while more input is already buffered, but never held more than
+//!   [`FLUSH_AFTER_NS`] past a task's end, and always flushed before the worker blocks.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::transport::{
+    FROM_FAILED, FROM_INIT_FAILED, FROM_OK, FROM_PANICKED, FROM_READY, FdOwned, MSG_HEAD, PAGE,
+    PAGE_RUNNING, PAGE_STARTED, TO_EXIT, TO_TASK,
+};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::frame;
+use crate::function::{FnId, conjure};
+use crate::platform::{self, Mapping};
+use crate::start::child::catch_panic;
+
+/// Results wait at most this long after a task ended before they are sent.
+pub(crate) const FLUSH_AFTER_NS: u64 = 100_000;
+/// Output is sent once this much is buffered.
+const FLUSH_BYTES: usize = 64 * 1024;
+
+/// A chunk function: decodes a `Vec<A>` from the payload, applies `F` to each item and appends
+/// the encoded `(errors, results)` to `out`.
+pub(crate) type ChunkFn = fn(payload: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<u8>) -> Result<()>;
+
+/// One item's failure inside a chunk: `(index in the chunk, panic message, backtrace)`.
+pub(crate) type ItemError = (u32, String, String);
+
+/// The chunk function for `F(A) -> R`.
+pub(crate) fn chunk_fn<F, A, R>() -> ChunkFn
+where
+    F: Fn(A) -> R + Copy + 'static,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    run_chunk::<F, A, R>
+}
+
+fn run_chunk<F, A, R>(payload: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<u8>) -> Result<()>
+where
+    F: Fn(A) -> R + Copy + 'static,
+    A: DeserializeOwned,
+    R: Serialize,
+{
+    let f: F = conjure::<F>();
+    let args: Vec<A> = codec::decode(payload, fds)?;
+    let mut results: Vec<R> = Vec::with_capacity(args.len());
+    let mut errors: Vec<ItemError> = Vec::new();
+    let mut it = args.into_iter();
+    let mut i: u32 = 0;
+    loop {
+        // One catch_unwind for the whole chunk; a panic resumes with the next item.
+        let r = catch_panic(
+            || {
+                for a in it.by_ref() {
+                    results.push(f(a));
+                    i += 1;
+                }
+            },
+            false,
+        );
+        match r {
+            Ok(()) => break,
+            Err(Error::Panicked { message, backtrace }) => errors.push((i, message, backtrace)),
+            Err(e) => errors.push((i, e.to_string(), String::new())),
+        }
+        i += 1;
+    }
+    codec::encode_plain(&(errors, results), out)
+}
+
+/// The identity of a chunk function, encoded as it travels.
+pub(crate) fn chunk_fn_id(f: ChunkFn) -> Vec<u8> {
+    let mut v = Vec::new();
+    codec::encode_plain(&FnId::from_addr(f as usize), &mut v).expect("an id encodes");
+    v
+}
+
+/// What the pool tells a new worker.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy)]
+pub(crate) struct BootCommon {
+    /// Exit after this many tasks (0: never).
+    pub(crate) maxtasks: u64,
+    /// Write start times in the shared page (only needed for timeouts).
+    pub(crate) timing: bool,
+}
+
+#[derive(Serialize)]
+pub(crate) struct BootOut<'a, A> {
+    pub(crate) sock: super::transport::FdRef<'a>,
+    pub(crate) page: super::transport::FdRef<'a>,
+    pub(crate) common: BootCommon,
+    pub(crate) args: &'a A,
+}
+
+#[derive(Deserialize)]
+struct BootIn<A> {
+    sock: FdOwned,
+    page: FdOwned,
+    common: BootCommon,
+    args: A,
+}
+
+/// The initializer of a pool built without one.
+pub(crate) fn no_initializer(_: ()) {}
+
+/// The worker's entry point, for initializer `I(A)`. Returns when the worker is done; the child
+/// then exits with code 0.
+pub(crate) fn worker_main<I, A>(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Vec<u8>>
+where
+    I: Fn(A) + Copy + 'static,
+    A: DeserializeOwned,
+{
+    let boot: BootIn<A> = codec::decode(payload, fds)?;
+    let sock = boot.sock.0;
+    let page = Mapping::new(boot.page.0.as_fd(), PAGE)?;
+    drop(boot.page);
+    let init: I = conjure::<I>();
+    let args = boot.args;
+    let mut out = Vec::new();
+    match catch_panic(move || init(args), false) {
+        Ok(()) => {
+            push_msg(&mut out, FROM_READY, 0, |_| Ok(()));
+            let _ = platform::write_all(sock.as_fd(), &out);
+        }
+        Err(e) => {
+            let (message, backtrace) = match e {
+                Error::Panicked { message, backtrace } => (message, backtrace),
+                other => (other.to_string(), String::new()),
+            };
+            push_msg(&mut out, FROM_INIT_FAILED, 0, |o| {
+                codec::encode_plain(&(message, backtrace), o)
+            });
+            let _ = platform::write_all(sock.as_fd(), &out);
+            return Ok(Vec::new());
+        }
+    }
+    serve(sock, &page, boot.common);
+    Ok(Vec::new())
+}
+
+/// Appends one message; `body` writes its body.
+fn push_msg(out: &mut Vec<u8>, kind: u8, seq: u64, body: impl FnOnce(&mut Vec<u8>) -> Result<()>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; frame::HEADER]);
+    out.push(kind);
+    out.extend_from_slice(&seq.to_le_bytes());
+    if let Err(e) = body(out) {
+        out.truncate(start + frame::HEADER + 1);
+        out[start + frame::HEADER] = FROM_FAILED;
+        out.extend_from_slice(&seq.to_le_bytes());
+        let _ = codec::encode_plain(&e.to_string(), out);
+    }
+    let len = out.len() - start - frame::HEADER;
+    let h = frame::header(len, 0).expect("below 4 GiB");
+    out[start..start + frame::HEADER].copy_from_slice(&h);
+}
+
+fn serve(sock: OwnedFd, page: &Mapping, common: BootCommon) {
+    let running = page.atomic_u64(PAGE_RUNNING);
+    let started = page.atomic_u64(PAGE_STARTED);
+    let mut inbuf = vec![0u8; 64 * 1024];
+    let (mut s, mut e) = (0usize, 0usize);
+    let mut fds: std::collections::VecDeque<OwnedFd> = std::collections::VecDeque::new();
+    let mut got_fds = Vec::new();
+    let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES);
+    let mut first_unflushed: Option<u64> = None;
+    let mut done: u64 = 0;
+    loop {
+        // A complete frame in the buffer?
+        let mut frame_len = None;
+        if e - s >= frame::HEADER {
+            let h: [u8; frame::HEADER] = inbuf[s..s + 8].try_into().expect("8 bytes");
+            match frame::parse_header(&h, frame::DEFAULT_MAX_FRAME) {
+                Ok((len, nfds)) => frame_len = Some((len, nfds)),
+                Err(_) => return,
+            }
+        }
+        if let Some((len, nfds)) = frame_len.filter(|(len, _)| e - s >= frame::HEADER + len) {
+            let body_at = s + frame::HEADER;
+            s += frame::HEADER + len;
+            if len < MSG_HEAD || fds.len() < nfds {
+                return;
+            }
+            let kind = inbuf[body_at];
+            let seq = u64::from_le_bytes(inbuf[body_at + 1..body_at + 9].try_into().expect("8"));
+            if kind == TO_EXIT {
+                let _ = platform::write_all(sock.as_fd(), &out);
+                return;
+            }
+            if kind != TO_TASK {
+                return;
+            }
+            let task_fds: Vec<OwnedFd> = fds.drain(..nfds).collect();
+            let rest = &inbuf[body_at + MSG_HEAD..body_at + len];
+            running.store(seq, Ordering::Relaxed);
+            if common.timing {
+                started.store(platform::monotonic_ns(), Ordering::Relaxed);
+            }
+            std::sync::atomic::fence(Ordering::Release);
+            run_task(&mut out, seq, rest, task_fds);
+            running.store(0, Ordering::Release);
+            done += 1;
+            let now = platform::monotonic_ns();
+            let first = *first_unflushed.get_or_insert(now);
+            let last = common.maxtasks != 0 && done >= common.maxtasks;
+            if out.len() >= FLUSH_BYTES || now - first > FLUSH_AFTER_NS || last {
+                if platform::write_all(sock.as_fd(), &out).is_err() {
+                    return;
+                }
+                out.clear();
+                first_unflushed = None;
+            }
+            if last {
+                return;
+            }
+            continue;
+        }
+        // Need more input: send what we have first (we may block).
+        if !out.is_empty() {
+            if platform::write_all(sock.as_fd(), &out).is_err() {
+                return;
+            }
+            out.clear();
+            first_unflushed = None;
+        }
+        if s == e {
+            s = 0;
+            e = 0;
+        }
+        let need = match frame_len {
+            Some((len, _)) => (frame::HEADER + len).saturating_sub(e - s).max(16 * 1024),
+            None => 16 * 1024,
+        };
+        if inbuf.len() - e < need {
+            inbuf.copy_within(s..e, 0);
+            e -= s;
+            s = 0;
+            if inbuf.len() - e < need {
+                inbuf.resize(e + need, 0);
+            }
+        }
+        match platform::recv_with_fds(sock.as_fd(), &mut inbuf[e..], &mut got_fds) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                e += n;
+                fds.extend(got_fds.drain(..));
+            }
+        }
+    }
+}
+
+fn run_task(out: &mut Vec<u8>, seq: u64, rest: &[u8], fds: Vec<OwnedFd>) {
+    let start = out.len();
+    let r = catch_panic(
+        || -> Result<()> {
+            let (id, payload) = postcard::take_from_bytes::<FnId>(rest)
+                .map_err(|e| Error::Decode(e.to_string()))?;
+            // SAFETY: the worker checked the parent's build id at start (child_main), and the
+            // parent only sends ids made by `chunk_fn_id` from `ChunkFn` pointers of this build,
+            // so the address is a `ChunkFn` in this executable.
+            let f = unsafe { std::mem::transmute::<usize, ChunkFn>(id.addr()) };
+            push_msg(out, FROM_OK, seq, |o| f(payload, fds, o));
+            Ok(())
+        },
+        false,
+    );
+    match r {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            out.truncate(start);
+            push_msg(out, FROM_FAILED, seq, |o| codec::encode_plain(&e.to_string(), o));
+        }
+        Err(Error::Panicked { message, backtrace }) => {
+            out.truncate(start);
+            push_msg(out, FROM_PANICKED, seq, |o| {
+                codec::encode_plain(&(message, backtrace), o)
+            });
+        }
+        Err(e) => {
+            out.truncate(start);
+            push_msg(out, FROM_FAILED, seq, |o| codec::encode_plain(&e.to_string(), o));
+        }
+    }
+}
