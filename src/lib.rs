@@ -26,6 +26,8 @@
 
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod bench_support;
 mod codec;
 pub mod context;
 pub mod error;

@@ -28,12 +28,13 @@
 
 mod scheduler;
 mod transport;
+mod wire;
 mod worker;
 
 use std::any::Any;
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
@@ -46,7 +47,6 @@ use crate::codec;
 use crate::context::{Context, StartMethod};
 use crate::error::{Error, Result};
 use crate::function;
-use crate::platform;
 
 use scheduler::{Config, Core, Inner, JobId, PoolState, Sink, Task, clone_error};
 use transport::{BootEncoder, FdRef, LocalTransport};
@@ -304,12 +304,9 @@ pub(crate) fn default_chunksize(len: usize, processes: usize) -> usize {
     len.div_ceil(4 * processes.max(1)).max(1)
 }
 
-fn fds_owned(raw: Vec<RawFd>) -> Result<Vec<OwnedFd>> {
-    raw.into_iter().map(platform::dup_raw).collect()
-}
-
-/// What decoding a task's results gives.
-type Decoded<R> = (Vec<ItemError>, Vec<R>);
+/// What decoding a task's results gives: the results of the items that did not panic, and the
+/// panics (index in the chunk, message, backtrace).
+type Decoded<R> = (Vec<R>, Vec<ItemError>);
 
 fn item_error((_, message, backtrace): ItemError) -> Error {
     Error::Panicked { message, backtrace }
@@ -323,14 +320,19 @@ struct ChunkSink<R> {
 impl<R: DeserializeOwned + Send + 'static> Sink for ChunkSink<R> {
     fn deliver(&mut self, index: u32, _items: u32, outcome: Result<&[u8]>) {
         let r = outcome.and_then(|b| {
-            let (mut errs, res): Decoded<R> = codec::decode_plain(b)?;
+            let (res, mut errs): Decoded<R> = worker::decode_results(b)?;
             if errs.is_empty() {
                 Ok(res)
             } else {
                 Err(item_error(errs.swap_remove(0)))
             }
         });
-        self.chunks[index as usize] = Some(r);
+        let i = index as usize;
+        if i >= self.chunks.len() {
+            // The input gave more than its size hint promised.
+            self.chunks.resize_with(i + 1, || None);
+        }
+        self.chunks[i] = Some(r);
     }
     fn as_any(&mut self) -> &mut dyn Any {
         self
@@ -401,46 +403,89 @@ impl Pool {
         }
     }
 
-    /// Submits `items` in chunks of `chunksize` as one job.
-    fn submit_chunks<F, A, R>(&self, items: Vec<A>, chunksize: usize) -> Result<JobId>
+    /// Submits `items` (`len` of them) in chunks of `chunksize` as one job, encoding chunk by
+    /// chunk from the iterator (no copy of the whole input).
+    fn submit_chunks<F, A, R>(
+        &self,
+        items: impl Iterator<Item = A>,
+        len: usize,
+        chunksize: usize,
+    ) -> Result<JobId>
     where
         F: Fn(A) -> R + Copy + Send + 'static,
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned + Send + 'static,
     {
         let cs = chunksize.max(1);
-        let nchunks = items.len().div_ceil(cs);
         let chunk_fn = Arc::new(worker::chunk_fn_id(worker::chunk_fn::<F, A, R>()));
-        let mut buf = Vec::new();
-        let mut spans = Vec::with_capacity(nchunks);
-        for c in items.chunks(cs) {
-            let start = buf.len();
-            let fds = fds_owned(codec::encode_into(c, &mut buf)?)?;
-            spans.push((start, buf.len(), c.len() as u32, fds));
-        }
-        drop(items);
-        let payload = Arc::new(buf);
-        let mut g = self.inner.lock();
-        self.check_running(&g)?;
-        let sink = ChunkSink::<R> {
-            chunks: (0..nchunks).map(|_| None).collect(),
+        let nchunks = len.div_ceil(cs);
+        let job = {
+            let mut g = self.inner.lock();
+            self.check_running(&g)?;
+            let sink = ChunkSink::<R> {
+                chunks: (0..nchunks).map(|_| None).collect(),
+            };
+            self.inner.new_job(&mut g, Box::new(sink), true)
         };
-        let job = self.inner.new_job(&mut g, Box::new(sink), false);
-        let tasks = spans
-            .into_iter()
-            .enumerate()
-            .map(|(i, (s, e, n, fds))| Task {
-                job,
-                index: i as u32,
-                items: n,
-                chunk_fn: Arc::clone(&chunk_fn),
-                payload: Arc::clone(&payload),
-                range: (s, e),
-                fds,
-                attempts: 0,
-            });
-        self.inner.submit(&mut g, tasks);
-        self.inner.complete_if_empty(&mut g, job);
+        // Encode and submit in batches of about 64 KiB, so the workers start on the first
+        // chunks while later ones are still being encoded.
+        const BATCH: usize = 64 * 1024;
+        let mut chunk: Vec<A> = Vec::with_capacity(cs.min(len.max(1)));
+        let mut items = items.fuse();
+        let mut index = 0u32;
+        let r = (|| -> Result<()> {
+            loop {
+                let mut buf = Vec::with_capacity(BATCH.min(len * std::mem::size_of::<A>() + 16));
+                let mut spans = Vec::new();
+                while buf.len() < BATCH {
+                    chunk.clear();
+                    chunk.extend(items.by_ref().take(cs));
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    let start = buf.len();
+                    let fds = worker::encode_items(&chunk, &mut buf)?;
+                    spans.push((index, start, buf.len(), chunk.len() as u32, fds));
+                    index += 1;
+                }
+                if spans.is_empty() {
+                    return Ok(());
+                }
+                let payload = Arc::new(buf);
+                let tasks = spans.into_iter().map(|(i, s, e, n, fds)| Task {
+                    job,
+                    index: i,
+                    items: n,
+                    chunk_fn: Arc::clone(&chunk_fn),
+                    payload: Arc::clone(&payload),
+                    range: (s, e),
+                    fds,
+                    attempts: 0,
+                });
+                let mut g = self.inner.lock();
+                self.inner.submit(&mut g, tasks);
+            }
+        })();
+        let mut g = self.inner.lock();
+        if let Err(e) = r {
+            // Nobody will see this job: forget it once its submitted tasks are done.
+            if let Some(j) = g.jobs.get_mut(&job) {
+                j.detached = true;
+            }
+            self.inner.close_job(&mut g, job);
+            return Err(e);
+        }
+        if let Some(j) = g.jobs.get_mut(&job) {
+            // The length was a promise of the iterator: trust what it gave.
+            if let Some(cs) = j
+                .sink
+                .as_mut()
+                .and_then(|s| s.as_any().downcast_mut::<ChunkSink<R>>())
+            {
+                cs.chunks.resize_with(index as usize, || None);
+            }
+        }
+        self.inner.close_job(&mut g, job);
         Ok(job)
     }
 
@@ -484,7 +529,7 @@ impl Pool {
         let _ = f;
         let chunk_fn = worker::chunk_fn_id(worker::chunk_fn::<F, A, R>());
         let mut buf = Vec::new();
-        let fds = fds_owned(codec::encode_into(std::slice::from_ref(&args), &mut buf)?)?;
+        let fds = worker::encode_items(std::slice::from_ref(&args), &mut buf)?;
         drop(args);
         let len = buf.len();
         let mut g = self.inner.lock();
@@ -551,9 +596,19 @@ impl Pool {
         R: Serialize + DeserializeOwned + Send + 'static,
         I: IntoIterator<Item = A>,
     {
-        let items: Vec<A> = iterable.into_iter().collect();
-        let cs = default_chunksize(items.len(), self.processes());
-        self.map_items(f, items, cs)
+        let it = iterable.into_iter();
+        match it.size_hint() {
+            (lo, Some(hi)) if lo == hi => {
+                let cs = default_chunksize(lo, self.processes());
+                self.map_items(f, it, lo, cs)
+            }
+            _ => {
+                let items: Vec<A> = it.collect();
+                let cs = default_chunksize(items.len(), self.processes());
+                let n = items.len();
+                self.map_items(f, items.into_iter(), n, cs)
+            }
+        }
     }
 
     /// [`map_async`](Pool::map_async) with an explicit chunk size.
@@ -572,17 +627,31 @@ impl Pool {
         if chunksize == 0 {
             return Err(Error::arg("chunksize must be at least 1"));
         }
-        self.map_items(f, iterable.into_iter().collect(), chunksize)
+        let it = iterable.into_iter();
+        match it.size_hint() {
+            (lo, Some(hi)) if lo == hi => self.map_items(f, it, lo, chunksize),
+            _ => {
+                let items: Vec<A> = it.collect();
+                let n = items.len();
+                self.map_items(f, items.into_iter(), n, chunksize)
+            }
+        }
     }
 
-    fn map_items<F, A, R>(&self, f: F, items: Vec<A>, cs: usize) -> Result<AsyncResult<Vec<R>>>
+    fn map_items<F, A, R>(
+        &self,
+        f: F,
+        items: impl Iterator<Item = A>,
+        len: usize,
+        cs: usize,
+    ) -> Result<AsyncResult<Vec<R>>>
     where
         F: Fn(A) -> R + Copy + Send + 'static,
         A: Serialize + DeserializeOwned,
         R: Serialize + DeserializeOwned + Send + 'static,
     {
         let _ = f;
-        let job = self.submit_chunks::<F, A, R>(items, cs)?;
+        let job = self.submit_chunks::<F, A, R>(items, len, cs)?;
         Ok(AsyncResult::new(
             Arc::clone(&self.inner),
             job,
@@ -1002,8 +1071,8 @@ struct StreamSink<R> {
 impl<R: DeserializeOwned + Send + 'static> Sink for StreamSink<R> {
     fn deliver(&mut self, index: u32, items: u32, outcome: Result<&[u8]>) {
         let mut out: Vec<Result<R>> = Vec::with_capacity(items as usize);
-        match outcome.and_then(|b| codec::decode_plain::<Decoded<R>>(b)) {
-            Ok((errs, res)) => {
+        match outcome.and_then(|b| worker::decode_results::<Decoded<R>>(b)) {
+            Ok((res, errs)) => {
                 let mut errs = errs.into_iter().peekable();
                 let mut res = res.into_iter();
                 for i in 0..items {
@@ -1088,7 +1157,7 @@ impl<'a, R: DeserializeOwned + Send + 'static> IMap<'a, R> {
             if chunk.is_empty() {
                 return Ok(None);
             }
-            let fds = fds_owned(codec::encode_into(&chunk[..], buf)?)?;
+            let fds = worker::encode_items(&chunk[..], buf)?;
             Ok(Some((chunk.len() as u32, fds)))
         });
         let processes = pool.processes();

@@ -15,7 +15,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use super::transport::{
-    BootEncoder, FROM_FAILED, FROM_INIT_FAILED, FROM_OK, FROM_PANICKED, FROM_READY, Link,
+    BootEncoder, FROM_FAILED, Fill, FROM_INIT_FAILED, FROM_OK, FROM_PANICKED, FROM_READY, Link,
     Transport,
 };
 use crate::codec;
@@ -158,7 +158,56 @@ pub(crate) struct Core {
     starting: bool,
 }
 
+/// The job table and what completing a job produces, borrowed apart from the workers (so a
+/// result can be delivered straight from a worker's receive buffer).
+pub(crate) struct JobsView<'a> {
+    jobs: &'a mut HashMap<JobId, Job>,
+    wakers: &'a mut Vec<Waker>,
+    hooks: &'a mut Vec<JobId>,
+    completed: &'a mut u64,
+}
+
+impl JobsView<'_> {
+    fn deliver(&mut self, task: Task, outcome: Result<&[u8]>) {
+        *self.completed += 1;
+        let job = task.job;
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        if let Some(s) = j.sink.as_mut() {
+            s.deliver(task.index, task.items, outcome);
+        }
+        j.remaining -= 1;
+        let complete = j.remaining == 0 && !j.open;
+        if let Some(w) = j.waker.take() {
+            self.wakers.push(w);
+        }
+        if complete {
+            self.on_job_complete(job);
+        }
+    }
+
+    fn on_job_complete(&mut self, job: JobId) {
+        let Some(j) = self.jobs.get_mut(&job) else { return };
+        if let Some(w) = j.waker.take() {
+            self.wakers.push(w);
+        }
+        if j.hook.is_some() {
+            self.hooks.push(job);
+        } else if j.detached {
+            self.jobs.remove(&job);
+        }
+    }
+}
+
 impl Core {
+    fn view(&mut self) -> JobsView<'_> {
+        JobsView {
+            jobs: &mut self.jobs,
+            wakers: &mut self.pending_wakers,
+            hooks: &mut self.pending_hooks,
+            completed: &mut self.completed,
+        }
+    }
+
     /// The pids of the current workers.
     pub(crate) fn worker_pids(&self) -> Vec<u32> {
         self.workers.iter().map(|w| w.link.pid()).collect()
@@ -391,15 +440,6 @@ impl Inner {
         self.bg_cv.notify_one();
     }
 
-    /// Completes a job with no tasks (empty input) right away.
-    pub(crate) fn complete_if_empty(&self, g: &mut Core, job: JobId) {
-        if let Some(j) = g.jobs.get(&job) {
-            if j.remaining == 0 && !j.open {
-                self.on_job_complete(g, job);
-            }
-        }
-    }
-
     /// Marks an open job (imap) as having all its tasks.
     pub(crate) fn close_job(&self, g: &mut Core, job: JobId) {
         if let Some(j) = g.jobs.get_mut(&job) {
@@ -483,32 +523,11 @@ impl Inner {
 
     /// Delivers one task's outcome to its job.
     fn deliver(&self, g: &mut Core, task: Task, outcome: Result<&[u8]>) {
-        g.completed += 1;
-        let job = task.job;
-        let Some(j) = g.jobs.get_mut(&job) else { return };
-        if let Some(s) = j.sink.as_mut() {
-            s.deliver(task.index, task.items, outcome);
-        }
-        j.remaining -= 1;
-        let complete = j.remaining == 0 && !j.open;
-        if let Some(w) = j.waker.take() {
-            g.pending_wakers.push(w);
-        }
-        if complete {
-            self.on_job_complete(g, job);
-        }
+        g.view().deliver(task, outcome);
     }
 
     fn on_job_complete(&self, g: &mut Core, job: JobId) {
-        let Some(j) = g.jobs.get_mut(&job) else { return };
-        if let Some(w) = j.waker.take() {
-            g.pending_wakers.push(w);
-        }
-        if j.hook.is_some() {
-            g.pending_hooks.push(job);
-        } else if j.detached {
-            g.jobs.remove(&job);
-        }
+        g.view().on_job_complete(job);
     }
 
     /// Fails a task: retried if its failure allows and attempts remain, else delivered.
@@ -611,16 +630,29 @@ impl Inner {
 
     /// Reads and handles what worker `i` sent; flushes what it waits to receive.
     fn service(&self, g: &mut Core, i: usize) {
-        let cfg_maxtasks = self.config.maxtasks;
+        let maxtasks = self.config.maxtasks;
+        let Core {
+            workers,
+            jobs,
+            pending_wakers,
+            pending_hooks,
+            completed,
+            ewma_ns,
+            broken,
+            ..
+        } = g;
+        let mut view = JobsView {
+            jobs,
+            wakers: pending_wakers,
+            hooks: pending_hooks,
+            completed,
+        };
+        let w = &mut workers[i];
         loop {
-            let alive = match g.workers[i].link.fill() {
-                Ok(a) => a,
-                Err(_) => false,
-            };
+            let fill = w.link.fill().unwrap_or(Fill::Eof);
             let now = Instant::now();
             let mut any = false;
             loop {
-                let w = &mut g.workers[i];
                 let msg = match w.link.next_msg() {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
@@ -631,16 +663,14 @@ impl Inner {
                 };
                 any = true;
                 match msg.kind {
-                    FROM_READY => {
-                        w.state = WState::Ready;
-                    }
+                    FROM_READY => w.state = WState::Ready,
                     FROM_INIT_FAILED => {
                         let (m, _bt): (String, String) =
                             codec::decode_plain(msg.body).unwrap_or_default();
-                        // Take it out of service; the pool cannot make workers any more.
+                        // Out of service; the pool cannot make workers any more.
                         w.broken = true;
                         w.state = WState::Retiring;
-                        g.broken = Some(m);
+                        *broken = Some(m);
                     }
                     kind @ (FROM_OK | FROM_PANICKED | FROM_FAILED) => {
                         let Some(pos) = w.inflight.iter().position(|f| f.seq == msg.seq) else {
@@ -648,36 +678,28 @@ impl Inner {
                             break;
                         };
                         let fl = w.inflight.remove(pos).expect("found");
-                        let begun = if fl.sent > w.last_result {
-                            fl.sent
-                        } else {
-                            w.last_result
-                        };
+                        let begun = fl.sent.max(w.last_result);
                         let took = now.saturating_duration_since(begun).as_nanos() as f64;
                         w.last_result = now;
-                        if cfg_maxtasks != 0 && w.sent >= cfg_maxtasks {
+                        if maxtasks != 0 && w.sent >= maxtasks {
                             w.state = WState::Retiring;
                         }
-                        // Copy out the outcome before touching other parts of the core.
-                        let outcome: Result<Vec<u8>> = match kind {
-                            FROM_OK => Ok(msg.body.to_vec()),
+                        *ewma_ns = if *ewma_ns <= 0.0 {
+                            took
+                        } else {
+                            0.9 * *ewma_ns + 0.1 * took
+                        };
+                        match kind {
+                            FROM_OK => view.deliver(fl.task, Ok(msg.body)),
                             FROM_PANICKED => {
                                 let (message, backtrace): (String, String) =
                                     codec::decode_plain(msg.body).unwrap_or_default();
-                                Err(Error::Panicked { message, backtrace })
+                                view.deliver(fl.task, Err(Error::Panicked { message, backtrace }));
                             }
-                            _ => Err(Error::Decode(
-                                codec::decode_plain::<String>(msg.body).unwrap_or_default(),
-                            )),
-                        };
-                        g.ewma_ns = if g.ewma_ns <= 0.0 {
-                            took
-                        } else {
-                            0.9 * g.ewma_ns + 0.1 * took
-                        };
-                        match outcome {
-                            Ok(b) => self.deliver(g, fl.task, Ok(&b)),
-                            Err(e) => self.deliver(g, fl.task, Err(e)),
+                            _ => {
+                                let m = codec::decode_plain::<String>(msg.body).unwrap_or_default();
+                                view.deliver(fl.task, Err(Error::Decode(m)));
+                            }
                         }
                     }
                     _ => {
@@ -686,15 +708,14 @@ impl Inner {
                     }
                 }
             }
-            if !alive {
-                g.workers[i].broken = true;
+            if fill == Fill::Eof {
+                w.broken = true;
                 break;
             }
-            if !any {
+            if !any || fill == Fill::Drained {
                 break;
             }
         }
-        let w = &mut g.workers[i];
         if w.link.wants_write() && !w.broken && w.link.flush().is_err() {
             w.broken = true;
         }
@@ -855,7 +876,9 @@ impl Inner {
             match g.driver {
                 Driver::None => {
                     g.driver = Driver::Fg;
+                    let guard = ReleaseOnUnwind(self);
                     g = self.step(g, deadline, true);
+                    std::mem::forget(guard);
                     g.driver = Driver::None;
                     g.last_fg = Instant::now();
                     if g.fg_waiters > 0 {
@@ -920,8 +943,10 @@ impl Inner {
         self.nudge();
         self.bg_cv.notify_all();
         self.fg_cv.notify_all();
-        // Wait until no one drives (a driver leaves promptly: nudged, and the state says so).
-        while g.driver != Driver::None {
+        // Wait until no one drives (a driver leaves promptly: nudged, and the state says so;
+        // the bound is only a safety net).
+        let give_up = Instant::now() + Duration::from_secs(5);
+        while g.driver != Driver::None && Instant::now() < give_up {
             g = self
                 .fg_cv
                 .wait_timeout(g, Duration::from_millis(10))
@@ -974,7 +999,28 @@ impl Inner {
     }
 }
 
+/// Gives up the driver role if a driving thread unwinds (a panic must not leave the pool
+/// without a driver). Forgotten on the normal path.
+struct ReleaseOnUnwind<'a>(&'a Inner);
+
+impl Drop for ReleaseOnUnwind<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.driver = Driver::None;
+        self.0.fg_cv.notify_all();
+        self.0.bg_cv.notify_all();
+    }
+}
+
 fn bg_loop(weak: std::sync::Weak<Inner>) {
+    // A panic while driving is a bug; the thread reports it (panic hook) and carries on.
+    while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bg_loop_inner(&weak))).is_err()
+    {
+        tracing::error!("the pool's background thread recovered from a panic");
+    }
+}
+
+fn bg_loop_inner(weak: &std::sync::Weak<Inner>) {
     let mut idle_rounds = 0u32;
     loop {
         let Some(inner) = weak.upgrade() else { return };
@@ -991,7 +1037,9 @@ fn bg_loop(weak: std::sync::Weak<Inner>) {
                     g.bg_urgent = false;
                     idle_rounds = 0;
                     g.driver = Driver::Bg;
+                    let guard = ReleaseOnUnwind(&inner);
                     g = inner.step(g, None, true);
+                    std::mem::forget(guard);
                     g.driver = Driver::None;
                     if g.fg_waiters > 0 {
                         inner.fg_cv.notify_all();

@@ -64,6 +64,17 @@ pub(crate) struct Msg<'a> {
     pub(crate) body: &'a [u8],
 }
 
+/// What [`Link::fill`] found.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) enum Fill {
+    /// Read everything there was.
+    Drained,
+    /// The buffer filled up: there may be more.
+    More,
+    /// End of stream: the worker is gone.
+    Eof,
+}
+
 /// The scheduler's handle on one worker.
 pub(crate) trait Link: Send {
     /// The worker's process id (or rank).
@@ -80,8 +91,8 @@ pub(crate) trait Link: Send {
     fn flush(&mut self) -> Result<bool>;
     /// Whether frames wait to be sent.
     fn wants_write(&self) -> bool;
-    /// Reads what has arrived without blocking. `Ok(false)` at end of stream.
-    fn fill(&mut self) -> Result<bool>;
+    /// Reads what has arrived without blocking.
+    fn fill(&mut self) -> Result<Fill>;
     /// The next complete message already read, if any.
     fn next_msg(&mut self) -> Result<Option<Msg<'_>>>;
     /// `(seq, started_ns)` of the task the worker runs now, if any.
@@ -271,8 +282,8 @@ impl Link for LocalLink {
         self.out_pos < self.out.len()
     }
 
-    fn fill(&mut self) -> Result<bool> {
-        loop {
+    fn fill(&mut self) -> Result<Fill> {
+        {
             if self.in_start == self.in_end {
                 self.in_start = 0;
                 self.in_end = 0;
@@ -284,7 +295,8 @@ impl Link for LocalLink {
                     .try_into()
                     .expect("8 bytes");
                 let (len, _) = frame::parse_header(&h, frame::DEFAULT_MAX_FRAME)?;
-                need = need.max(frame::HEADER + len - (self.in_end - self.in_start));
+                // Saturating: the buffer may already hold this whole frame (and more).
+                need = need.max((frame::HEADER + len).saturating_sub(self.in_end - self.in_start));
             }
             if self.inbuf.len() - self.in_end < need {
                 self.inbuf.copy_within(self.in_start..self.in_end, 0);
@@ -295,16 +307,18 @@ impl Link for LocalLink {
                 }
             }
             match platform::read(self.sock.as_fd(), &mut self.inbuf[self.in_end..]) {
-                Ok(0) => return Ok(false),
+                Ok(0) => Ok(Fill::Eof),
                 Ok(n) => {
                     self.in_end += n;
-                    if self.in_end < self.inbuf.len() {
-                        return Ok(true);
-                    }
+                    Ok(if self.in_end < self.inbuf.len() {
+                        Fill::Drained
+                    } else {
+                        Fill::More
+                    })
                 }
-                Err(e) if would_block(&e) => return Ok(true),
-                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => return Ok(false),
-                Err(e) => return Err(e.into()),
+                Err(e) if would_block(&e) => Ok(Fill::Drained),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => Ok(Fill::Eof),
+                Err(e) => Err(e.into()),
             }
         }
     }

@@ -35,7 +35,7 @@ pub(crate) const FLUSH_AFTER_NS: u64 = 100_000;
 const FLUSH_BYTES: usize = 64 * 1024;
 
 /// A chunk function: decodes a `Vec<A>` from the payload, applies `F` to each item and appends
-/// the encoded `(errors, results)` to `out`.
+/// the encoded `(results, errors)` to `out`.
 pub(crate) type ChunkFn = fn(payload: &[u8], fds: Vec<OwnedFd>, out: &mut Vec<u8>) -> Result<()>;
 
 /// One item's failure inside a chunk: `(index in the chunk, panic message, backtrace)`.
@@ -58,30 +58,105 @@ where
     R: Serialize,
 {
     let f: F = conjure::<F>();
-    let args: Vec<A> = codec::decode(payload, fds)?;
-    let mut results: Vec<R> = Vec::with_capacity(args.len());
+    // Arguments: streamed from the wire format, or decoded at once by the codec (handles).
+    let (mut de, mut codec_args) = match payload.split_first() {
+        Some((&FMT_WIRE, rest)) if fds.is_empty() => (Some(super::wire::De::new(rest)), None),
+        _ => (None, Some(decode_items::<A>(payload, fds)?.into_iter())),
+    };
+    let n = match (&mut de, &codec_args) {
+        (Some(d), _) => d.seq_len().map_err(|e| Error::Decode(e.to_string()))?,
+        (None, Some(it)) => it.len(),
+        (None, None) => 0,
+    };
+    // Results: `(Vec<R>, Vec<ItemError>)` in the wire format, written as they come; the count
+    // is patched at the end (items that panicked have no result).
+    out.push(FMT_WIRE);
+    let count_at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    out.reserve(n * std::mem::size_of::<R>());
     let mut errors: Vec<ItemError> = Vec::new();
-    let mut it = args.into_iter();
-    let mut i: u32 = 0;
+    let (mut i, mut written, mut item_start) = (0usize, 0u32, out.len());
     loop {
         // One catch_unwind for the whole chunk; a panic resumes with the next item.
         let r = catch_panic(
-            || {
-                for a in it.by_ref() {
-                    results.push(f(a));
+            || -> Result<()> {
+                while i < n {
+                    item_start = out.len();
+                    let a: A = match (&mut de, &mut codec_args) {
+                        (Some(d), _) => d.read().map_err(|e| Error::Decode(e.to_string()))?,
+                        (None, Some(it)) => it.next().ok_or_else(|| Error::Decode("short".into()))?,
+                        (None, None) => unreachable!("one source of arguments"),
+                    };
+                    let r = f(a);
+                    super::wire::to_vec_into(&r, out).map_err(|e| Error::Encode(e.to_string()))?;
+                    written += 1;
                     i += 1;
                 }
+                Ok(())
             },
             false,
         );
         match r {
-            Ok(()) => break,
-            Err(Error::Panicked { message, backtrace }) => errors.push((i, message, backtrace)),
-            Err(e) => errors.push((i, e.to_string(), String::new())),
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => return Err(e),
+            Err(Error::Panicked { message, backtrace }) => {
+                out.truncate(item_start);
+                errors.push((i as u32, message, backtrace));
+            }
+            Err(e) => {
+                out.truncate(item_start);
+                errors.push((i as u32, e.to_string(), String::new()));
+            }
         }
         i += 1;
     }
-    codec::encode_plain(&(errors, results), out)
+    if de.as_ref().is_some_and(|d| !d.is_done()) {
+        return Err(Error::Decode("trailing bytes after the arguments".into()));
+    }
+    out[count_at..count_at + 4].copy_from_slice(&written.to_le_bytes());
+    super::wire::to_vec_into(&errors, out).map_err(|e| Error::Encode(e.to_string()))
+}
+
+/// Payload tag: the pool's fixed-width format ([`super::wire`]).
+const FMT_WIRE: u8 = 0;
+/// Payload tag: the crate's codec (values holding handles, whose descriptors ride along).
+const FMT_CODEC: u8 = 1;
+
+/// Appends a chunk of arguments; returns duplicates of the descriptors of handles inside.
+pub(crate) fn encode_items<A: Serialize>(items: &[A], buf: &mut Vec<u8>) -> Result<Vec<OwnedFd>> {
+    let start = buf.len();
+    buf.reserve(1 + 4 + std::mem::size_of_val(items));
+    buf.push(FMT_WIRE);
+    if super::wire::to_vec_into(items, buf).is_ok() {
+        return Ok(Vec::new());
+    }
+    buf.truncate(start);
+    buf.push(FMT_CODEC);
+    codec::encode_into(items, buf)?
+        .into_iter()
+        .map(platform::dup_raw)
+        .collect()
+}
+
+fn decode_items<A: DeserializeOwned>(payload: &[u8], fds: Vec<OwnedFd>) -> Result<Vec<A>> {
+    match payload.split_first() {
+        Some((&FMT_WIRE, rest)) if fds.is_empty() => {
+            super::wire::from_slice(rest).map_err(|e| Error::Decode(e.to_string()))
+        }
+        Some((&FMT_CODEC, rest)) => codec::decode(rest, fds),
+        _ => Err(Error::Decode("unknown chunk format".into())),
+    }
+}
+
+/// Decodes a chunk's `(results, errors)` as the worker encoded them.
+pub(crate) fn decode_results<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
+    match b.split_first() {
+        Some((&FMT_WIRE, rest)) => {
+            super::wire::from_slice(rest).map_err(|e| Error::Decode(e.to_string()))
+        }
+        Some((&FMT_CODEC, rest)) => codec::decode_plain(rest),
+        _ => Err(Error::Decode("unknown result format".into())),
+    }
 }
 
 /// The identity of a chunk function, encoded as it travels.
