@@ -30,6 +30,7 @@
 pub mod bench_support;
 mod codec;
 pub mod context;
+pub mod dummy;
 pub mod error;
 mod frame;
 mod function;
