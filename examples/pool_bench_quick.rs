@@ -1,3 +1,4 @@
+//! Quick pool figures in one run: `cargo run --release --example pool_bench_quick [rtt|map|rss|primes]`.
 fn main() {
     multiproc::init();
     use multiproc::bench_support::pool as b;
