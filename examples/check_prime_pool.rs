@@ -10,7 +10,10 @@ use multiproc::Pool;
 fn check_prime(num: u64) {
     std::thread::sleep(Duration::from_millis(100));
     let is_prime = num >= 2 && (2..num).all(|i| num % i != 0);
-    println!("Process {} says that {num} is {is_prime} prime", std::process::id());
+    println!(
+        "Process {} says that {num} is {is_prime} prime",
+        std::process::id()
+    );
 }
 
 fn main() {

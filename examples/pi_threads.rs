@@ -47,7 +47,10 @@ fn estimate_nbr_points_in_quarter_circle(nbr_samples: u64) -> u64 {
 
 fn main() {
     multiproc::init();
-    let nbr_samples_in_total: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10_000_000);
+    let nbr_samples_in_total: u64 = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000_000);
     let nbr_parallel_blocks = 4;
     let pool = Pool::builder().build().expect("pool");
     let nbr_samples_per_worker = nbr_samples_in_total / nbr_parallel_blocks;

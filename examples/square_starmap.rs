@@ -11,7 +11,11 @@ fn square(n: i64) -> i64 {
 }
 
 fn add((x, y, z): (i64, i64, i64)) -> i64 {
-    println!("Worker process id for {:?}: {}", (x, y, z), std::process::id());
+    println!(
+        "Worker process id for {:?}: {}",
+        (x, y, z),
+        std::process::id()
+    );
     x + y + z
 }
 

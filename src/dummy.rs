@@ -244,11 +244,14 @@ struct Slot<T> {
     cv: Condvar,
 }
 
+/// A callback waiting for a result.
+type SlotHook<T> = Box<dyn FnOnce(&Result<T>) + Send>;
+
 struct SlotState<T> {
     value: Option<Result<T>>,
     done: bool,
     waker: Option<Waker>,
-    hooks: Vec<Box<dyn FnOnce(&Result<T>) + Send>>,
+    hooks: Vec<SlotHook<T>>,
 }
 
 impl<T> Slot<T> {
@@ -370,7 +373,7 @@ impl<T: Send + 'static> AsyncResult<T> {
             .unwrap_or_else(|| Err(Error::state("the result was already taken")))
     }
 
-    fn hook(self, h: Box<dyn FnOnce(&Result<T>) + Send>) -> Self {
+    fn hook(self, h: SlotHook<T>) -> Self {
         {
             let mut g = lock(&self.slot.m);
             if g.done {
@@ -581,7 +584,10 @@ impl Pool {
                 let s = Arc::clone(&slot);
                 Box::new(move |cancelled: bool| {
                     let out: Vec<Result<R>> = if cancelled {
-                        chunk.into_iter().map(|_| Err(Error::PoolTerminated)).collect()
+                        chunk
+                            .into_iter()
+                            .map(|_| Err(Error::PoolTerminated))
+                            .collect()
                     } else {
                         chunk.into_iter().map(|a| run_caught(|| f(a))).collect()
                     };
@@ -743,7 +749,9 @@ impl Pool {
         {
             let g = lock(&self.shared.state);
             if !g.closed && !g.terminated {
-                return Err(Error::state("Pool::join needs close() or terminate() first"));
+                return Err(Error::state(
+                    "Pool::join needs close() or terminate() first",
+                ));
             }
         }
         loop {
@@ -839,7 +847,10 @@ impl<'a, A: Send + 'static, R: Send + 'static> IMap<'a, A, R> {
             let st = Arc::clone(&self.stream);
             jobs.push(Box::new(move |cancelled: bool| {
                 let out: Vec<Result<R>> = if cancelled {
-                    chunk.into_iter().map(|_| Err(Error::PoolTerminated)).collect()
+                    chunk
+                        .into_iter()
+                        .map(|_| Err(Error::PoolTerminated))
+                        .collect()
                 } else {
                     chunk.into_iter().map(|a| run_caught(|| f(a))).collect()
                 };

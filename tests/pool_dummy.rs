@@ -42,22 +42,35 @@ fn closures_may_capture_and_panics_are_errors() {
     assert_eq!(p.map(move |x: i32| x * k, 1..4).unwrap(), vec![3, 6, 9]);
     let r = p.map(|x: i32| if x == 2 { panic!("two") } else { x }, 0..5);
     assert!(matches!(r, Err(Error::Panicked { message, .. }) if message.contains("two")));
-    let all: Vec<_> = p.imap(|x: i32| if x == 2 { panic!("two") } else { x }, 0..5).unwrap().collect();
+    let all: Vec<_> = p
+        .imap(|x: i32| if x == 2 { panic!("two") } else { x }, 0..5)
+        .unwrap()
+        .collect();
     assert_eq!(all.iter().filter(|r| r.is_err()).count(), 1);
 }
 
 #[test]
 fn imap_is_lazy_on_endless_input() {
     let p = Pool::new(2).unwrap();
-    let first: Vec<u64> = p.imap(|x: u64| x + 1, 0u64..).unwrap().take(100).map(Result::unwrap).collect();
+    let first: Vec<u64> = p
+        .imap(|x: u64| x + 1, 0u64..)
+        .unwrap()
+        .take(100)
+        .map(Result::unwrap)
+        .collect();
     assert_eq!(first, (1..=100).collect::<Vec<_>>());
 }
 
 #[test]
 fn async_result_timeouts_callbacks_and_terminate() {
     let p = Pool::builder().processes(1).build().unwrap();
-    let slow = p.apply_async(|ms: u64| std::thread::sleep(Duration::from_millis(ms)), 200).unwrap();
-    assert!(matches!(slow.get_timeout(Duration::from_millis(5)), Err(Error::Timeout)));
+    let slow = p
+        .apply_async(|ms: u64| std::thread::sleep(Duration::from_millis(ms)), 200)
+        .unwrap();
+    assert!(matches!(
+        slow.get_timeout(Duration::from_millis(5)),
+        Err(Error::Timeout)
+    ));
     let queued = p.apply_async(sq, 4).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let queued = queued.error_callback(move |e| tx.send(e.to_string()).unwrap());
@@ -72,7 +85,10 @@ fn async_result_timeouts_callbacks_and_terminate() {
 
 #[test]
 fn failing_initializer_fails_creation() {
-    let r = Pool::builder().processes(2).initializer(|_: ()| panic!("nope"), ()).build();
+    let r = Pool::builder()
+        .processes(2)
+        .initializer(|_: ()| panic!("nope"), ())
+        .build();
     assert!(matches!(r, Err(Error::Panicked { message, .. }) if message.contains("nope")));
 }
 

@@ -134,7 +134,15 @@ pub(crate) fn exit_now(code: i32) -> ! {
 /// `expected_parent`, the process exits at once.
 pub(crate) fn die_with_parent(expected_parent: u32) {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; no memory is passed.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     if getppid() != expected_parent {
         exit_now(1);
     }
@@ -193,14 +201,7 @@ pub(crate) fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> Result<Option<Ex
     }
     retry(|| {
         // SAFETY: info is a valid, writable siginfo_t; the pidfd is valid for the call.
-        cvt(unsafe {
-            libc::waitid(
-                P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                flags,
-            )
-        })
+        cvt(unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, flags) })
     })?;
     // SAFETY: waitid filled info (or left it zeroed for WNOHANG with no change): si_pid is valid
     // to read for SIGCHLD infos, and zero means "nothing yet".
@@ -556,7 +557,10 @@ pub(crate) enum Interest {
 
 /// Waits until one of `fds` is ready (readable, or writable, or hung up / in error) or the
 /// timeout passes (`None` waits forever). Returns a readiness flag for each descriptor.
-pub(crate) fn poll(fds: &[(BorrowedFd<'_>, Interest)], timeout: Option<Duration>) -> Result<Vec<bool>> {
+pub(crate) fn poll(
+    fds: &[(BorrowedFd<'_>, Interest)],
+    timeout: Option<Duration>,
+) -> Result<Vec<bool>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|(fd, i)| libc::pollfd {
@@ -690,10 +694,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(Error::last_os());
         }
-        Ok(Mapping {
-            ptr: p.cast(),
-            len,
-        })
+        Ok(Mapping { ptr: p.cast(), len })
     }
 
     /// Start of the mapping (page aligned).
@@ -951,7 +952,10 @@ pub(crate) fn monotonic_ns() -> u64 {
 impl Mapping {
     /// The `i`-th aligned `u64` of the mapping as an atomic (panics if out of range).
     pub(crate) fn atomic_u64(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!((i + 1) * 8 <= self.len, "atomic_u64 index out of the mapping");
+        assert!(
+            (i + 1) * 8 <= self.len,
+            "atomic_u64 index out of the mapping"
+        );
         // SAFETY: the mapping is page aligned, so offset i*8 is 8-aligned; it is in range (checked
         // above) and lives as long as &self. Shared memory is only ever accessed atomically
         // through this view by the pool (worker and parent).

@@ -77,6 +77,7 @@ use worker::{BootCommon, BootOut, ItemError};
 ///     .unwrap();
 /// assert_eq!(pool.apply(double, 21).unwrap(), 42);
 /// ```
+#[derive(Default)]
 pub struct PoolBuilder {
     processes: Option<usize>,
     boot: Option<MakeBoot>,
@@ -122,20 +123,6 @@ where
 
 /// Makes the boot encoder once the settings are known (the initializer may come first).
 type MakeBoot = Box<dyn FnOnce(BootCommon) -> BootEncoder + Send>;
-
-impl Default for PoolBuilder {
-    fn default() -> Self {
-        PoolBuilder {
-            processes: None,
-            boot: None,
-            maxtasks: 0,
-            context: Context::default(),
-            task_timeout: None,
-            retries: 0,
-            progress: false,
-        }
-    }
-}
 
 impl PoolBuilder {
     /// Number of worker processes (default: [`process_cpu_count`](crate::process_cpu_count)).
@@ -536,9 +523,7 @@ impl Pool {
         self.check_running(&g)?;
         let job = self.inner.new_job(
             &mut g,
-            Box::new(ChunkSink::<R> {
-                chunks: vec![None],
-            }),
+            Box::new(ChunkSink::<R> { chunks: vec![None] }),
             false,
         );
         let task = Task {
@@ -553,7 +538,11 @@ impl Pool {
         };
         self.inner.submit(&mut g, std::iter::once(task));
         drop(g);
-        Ok(AsyncResult::new(Arc::clone(&self.inner), job, extract_one::<R>))
+        Ok(AsyncResult::new(
+            Arc::clone(&self.inner),
+            job,
+            extract_one::<R>,
+        ))
     }
 
     /// Applies `f` to every item, in parallel, and returns the results in input order
@@ -836,6 +825,9 @@ impl Context {
 // AsyncResult
 // ---------------------------------------------------------------------------------------------
 
+/// A callback on a typed result.
+type ResultHook<T> = Box<dyn FnOnce(&Result<T>) + Send>;
+
 /// The result of an `*_async` call (Python's `AsyncResult`). Also a [`Future`].
 ///
 /// ```
@@ -860,7 +852,9 @@ pub struct AsyncResult<T> {
 
 impl<T> std::fmt::Debug for AsyncResult<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AsyncResult").field("job", &self.job).finish()
+        f.debug_struct("AsyncResult")
+            .field("job", &self.job)
+            .finish()
     }
 }
 
@@ -920,7 +914,9 @@ impl<T: Send + 'static> AsyncResult<T> {
     pub fn wait_timeout(&self, timeout: Duration) -> bool {
         let g = self.inner.lock();
         let deadline = Instant::now() + timeout;
-        let (g, ok) = self.inner.wait_until(g, |c| self.finished(c), Some(deadline));
+        let (g, ok) = self
+            .inner
+            .wait_until(g, |c| self.finished(c), Some(deadline));
         drop(g);
         ok
     }
@@ -956,14 +952,16 @@ impl<T: Send + 'static> AsyncResult<T> {
     pub fn get_timeout(&self, timeout: Duration) -> Result<T> {
         let g = self.inner.lock();
         let deadline = Instant::now() + timeout;
-        let (mut g, ok) = self.inner.wait_until(g, |c| self.finished(c), Some(deadline));
+        let (mut g, ok) = self
+            .inner
+            .wait_until(g, |c| self.finished(c), Some(deadline));
         if !ok {
             return Err(Error::Timeout);
         }
         self.take(&mut g)
     }
 
-    fn add_hook(self, f: Box<dyn FnOnce(&Result<T>) + Send>) -> Self {
+    fn add_hook(self, f: ResultHook<T>) -> Self {
         let extract = self.extract;
         let mut g = self.inner.lock();
         if self.finished(&g) {
@@ -1071,7 +1069,7 @@ struct StreamSink<R> {
 impl<R: DeserializeOwned + Send + 'static> Sink for StreamSink<R> {
     fn deliver(&mut self, index: u32, items: u32, outcome: Result<&[u8]>) {
         let mut out: Vec<Result<R>> = Vec::with_capacity(items as usize);
-        match outcome.and_then(|b| worker::decode_results::<Decoded<R>>(b)) {
+        match outcome.and_then(worker::decode_results::<Decoded<R>>) {
             Ok((res, errs)) => {
                 let mut errs = errs.into_iter().peekable();
                 let mut res = res.into_iter();

@@ -15,7 +15,7 @@ use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use super::transport::{
-    BootEncoder, FROM_FAILED, Fill, FROM_INIT_FAILED, FROM_OK, FROM_PANICKED, FROM_READY, Link,
+    BootEncoder, FROM_FAILED, FROM_INIT_FAILED, FROM_OK, FROM_PANICKED, FROM_READY, Fill, Link,
     Transport,
 };
 use crate::codec;
@@ -171,7 +171,9 @@ impl JobsView<'_> {
     fn deliver(&mut self, task: Task, outcome: Result<&[u8]>) {
         *self.completed += 1;
         let job = task.job;
-        let Some(j) = self.jobs.get_mut(&job) else { return };
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if let Some(s) = j.sink.as_mut() {
             s.deliver(task.index, task.items, outcome);
         }
@@ -186,7 +188,9 @@ impl JobsView<'_> {
     }
 
     fn on_job_complete(&mut self, job: JobId) {
-        let Some(j) = self.jobs.get_mut(&job) else { return };
+        let Some(j) = self.jobs.get_mut(&job) else {
+            return;
+        };
         if let Some(w) = j.waker.take() {
             self.wakers.push(w);
         }
@@ -337,8 +341,7 @@ impl Inner {
                     drop(g);
                     inner.terminate();
                     return Err(Error::Panicked {
-                        message: "pool initializer failed: a worker died while initializing"
-                            .into(),
+                        message: "pool initializer failed: a worker died while initializing".into(),
                         backtrace: String::new(),
                     });
                 }
@@ -485,10 +488,14 @@ impl Inner {
                 let Some(task) = queue.pop_front() else { break };
                 let seq = *next_seq;
                 *next_seq += 1;
-                let fds: Vec<RawFd> = task.fds.iter().map(|f| {
-                    use std::os::fd::AsRawFd;
-                    f.as_raw_fd()
-                }).collect();
+                let fds: Vec<RawFd> = task
+                    .fds
+                    .iter()
+                    .map(|f| {
+                        use std::os::fd::AsRawFd;
+                        f.as_raw_fd()
+                    })
+                    .collect();
                 w.link.push_task(
                     seq,
                     &task.chunk_fn,
@@ -722,7 +729,9 @@ impl Inner {
     }
 
     fn check_timeouts(&self, g: &mut Core) {
-        let Some(t) = self.config.task_timeout else { return };
+        let Some(t) = self.config.task_timeout else {
+            return;
+        };
         let now = platform::monotonic_ns();
         for w in g.workers.iter_mut() {
             if w.timed_out.is_some() || w.inflight.is_empty() {
@@ -747,7 +756,10 @@ impl Inner {
         let mut w = g.workers.swap_remove(i);
         let running = w.link.running().map(|(s, _)| s);
         w.link.kill();
-        let status = w.link.reap(true).unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
+        let status = w
+            .link
+            .reap(true)
+            .unwrap_or(ExitStatus::Signaled(libc::SIGKILL));
         let pid = w.link.pid();
         let timed_out = w.timed_out;
         let mut requeue = Vec::new();
@@ -972,7 +984,9 @@ impl Inner {
         let g = self.lock();
         match g.state {
             PoolState::Running => {
-                return Err(Error::state("Pool::join needs close() or terminate() first"));
+                return Err(Error::state(
+                    "Pool::join needs close() or terminate() first",
+                ));
             }
             PoolState::Terminated => {
                 drop(g);
@@ -1014,8 +1028,7 @@ impl Drop for ReleaseOnUnwind<'_> {
 
 fn bg_loop(weak: std::sync::Weak<Inner>) {
     // A panic while driving is a bug; the thread reports it (panic hook) and carries on.
-    while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bg_loop_inner(&weak))).is_err()
-    {
+    while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bg_loop_inner(&weak))).is_err() {
         tracing::error!("the pool's background thread recovered from a panic");
     }
 }

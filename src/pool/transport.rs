@@ -116,8 +116,9 @@ pub(crate) struct BootEncoder {
     pub(crate) entry: FnId,
     /// Writes the payload given the worker's socket and page.
     #[allow(clippy::type_complexity)]
-    pub(crate) encode:
-        Box<dyn Fn(BorrowedFd<'_>, BorrowedFd<'_>, &mut Vec<u8>) -> Result<Vec<RawFd>> + Send + Sync>,
+    pub(crate) encode: Box<
+        dyn Fn(BorrowedFd<'_>, BorrowedFd<'_>, &mut Vec<u8>) -> Result<Vec<RawFd>> + Send + Sync,
+    >,
 }
 
 /// A descriptor inside a serialized value (the worker's socket and page travel this way).
@@ -333,7 +334,9 @@ impl Link for LocalLink {
             .expect("8 bytes");
         let (len, nfds) = frame::parse_header(&h, frame::DEFAULT_MAX_FRAME)?;
         if nfds != 0 || len < MSG_HEAD {
-            return Err(Error::MalformedFrame("bad message from a pool worker".into()));
+            return Err(Error::MalformedFrame(
+                "bad message from a pool worker".into(),
+            ));
         }
         if avail < frame::HEADER + len {
             return Ok(None);
@@ -366,7 +369,9 @@ impl Link for LocalLink {
 
     fn reap(&mut self, block: bool) -> Option<ExitStatus> {
         if self.reaped.is_none() {
-            self.reaped = platform::pidfd_wait(self.pidfd.as_fd(), block).ok().flatten();
+            self.reaped = platform::pidfd_wait(self.pidfd.as_fd(), block)
+                .ok()
+                .flatten();
         }
         self.reaped
     }
@@ -379,5 +384,99 @@ impl Drop for LocalLink {
             self.kill();
             self.reap(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link on a socket pair whose worker is a `sleep` process (killed and reaped on drop).
+    fn test_link() -> (LocalLink, OwnedFd) {
+        let (ours, theirs) = platform::socketpair(libc::SOCK_STREAM).unwrap();
+        platform::set_nonblocking(ours.as_fd(), true).unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pidfd = platform::pidfd_open(child.id()).unwrap();
+        let page_fd = platform::memfd(c"test-page", PAGE).unwrap();
+        let link = LocalLink {
+            pid: child.id(),
+            pidfd,
+            sock: ours,
+            page: Mapping::new(page_fd.as_fd(), PAGE).unwrap(),
+            out: Vec::new(),
+            out_pos: 0,
+            marks: VecDeque::new(),
+            inbuf: vec![0; 64 * 1024],
+            in_start: 0,
+            in_end: 0,
+            reaped: None,
+        };
+        (link, theirs)
+    }
+
+    fn msg(seq: u64, body_len: usize) -> Vec<u8> {
+        let mut v = frame::header(MSG_HEAD + body_len, 0).unwrap().to_vec();
+        v.push(FROM_OK);
+        v.extend_from_slice(&seq.to_le_bytes());
+        v.extend(std::iter::repeat_n(seq as u8, body_len));
+        v
+    }
+
+    #[test]
+    fn fill_with_complete_frames_already_buffered() {
+        let (mut link, peer) = test_link();
+        // Four frames of exactly 16 KiB fill the 64 KiB buffer; more follow.
+        let body = 16 * 1024 - frame::HEADER - MSG_HEAD;
+        let mut bytes = Vec::new();
+        for seq in 1..=6 {
+            bytes.extend(msg(seq, body));
+        }
+        platform::write_all(peer.as_fd(), &bytes).unwrap();
+        // Fill twice before parsing: the second fill finds whole frames in the buffer.
+        assert_ne!(link.fill().unwrap(), Fill::Eof);
+        assert_ne!(link.fill().unwrap(), Fill::Eof);
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            while let Some(m) = link.next_msg().unwrap() {
+                assert_eq!(m.body.len(), body);
+                assert!(m.body.iter().all(|&b| b == m.seq as u8));
+                seen.push(m.seq);
+            }
+            if seen.len() == 6 {
+                break;
+            }
+            link.fill().unwrap();
+        }
+        assert_eq!(seen, vec![1, 2, 3, 4, 5, 6]);
+        drop(peer);
+        assert_eq!(link.fill().unwrap(), Fill::Eof);
+    }
+
+    #[test]
+    fn frame_larger_than_the_buffer_arrives_whole() {
+        let (mut link, peer) = test_link();
+        let big = msg(9, 300 * 1024);
+        let writer = std::thread::spawn(move || {
+            let p = peer;
+            platform::write_all(p.as_fd(), &big).unwrap();
+            p
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let got = loop {
+            link.fill().unwrap();
+            if let Some(m) = link.next_msg().unwrap() {
+                break (m.seq, m.body.len());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "frame never completed"
+            );
+            platform::poll_read(link.sock(), Some(std::time::Duration::from_millis(100))).unwrap();
+        };
+        assert_eq!(got, (9, 300 * 1024));
+        drop(writer.join().unwrap());
     }
 }

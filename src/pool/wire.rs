@@ -305,7 +305,9 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
     type Error = WireError;
 
     fn deserialize_any<V: Visitor<'de>>(self, _: V) -> R<V::Value> {
-        Err(WireError("the pool's wire format is not self-describing".into()))
+        Err(WireError(
+            "the pool's wire format is not self-describing".into(),
+        ))
     }
     fn deserialize_bool<V: Visitor<'de>>(self, v: V) -> R<V::Value> {
         match self.take::<1>()?[0] {
@@ -401,7 +403,9 @@ impl<'de> de::Deserializer<'de> for &mut De<'de> {
         self.deserialize_u32(v)
     }
     fn deserialize_ignored_any<V: Visitor<'de>>(self, _: V) -> R<V::Value> {
-        Err(WireError("cannot skip values in the pool's wire format".into()))
+        Err(WireError(
+            "cannot skip values in the pool's wire format".into(),
+        ))
     }
     fn is_human_readable(&self) -> bool {
         false
@@ -467,11 +471,7 @@ impl<'de> de::VariantAccess<'de> for &mut De<'de> {
     fn tuple_variant<V: Visitor<'de>>(self, n: usize, v: V) -> R<V::Value> {
         v.visit_seq(Access { de: self, left: n })
     }
-    fn struct_variant<V: Visitor<'de>>(
-        self,
-        fields: &'static [&'static str],
-        v: V,
-    ) -> R<V::Value> {
+    fn struct_variant<V: Visitor<'de>>(self, fields: &'static [&'static str], v: V) -> R<V::Value> {
         v.visit_seq(Access {
             de: self,
             left: fields.len(),

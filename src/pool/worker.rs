@@ -84,7 +84,9 @@ where
                     item_start = out.len();
                     let a: A = match (&mut de, &mut codec_args) {
                         (Some(d), _) => d.read().map_err(|e| Error::Decode(e.to_string()))?,
-                        (None, Some(it)) => it.next().ok_or_else(|| Error::Decode("short".into()))?,
+                        (None, Some(it)) => {
+                            it.next().ok_or_else(|| Error::Decode("short".into()))?
+                        }
                         (None, None) => unreachable!("one source of arguments"),
                     };
                     let r = f(a);
@@ -359,7 +361,9 @@ fn run_task(out: &mut Vec<u8>, seq: u64, rest: &[u8], fds: Vec<OwnedFd>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             out.truncate(start);
-            push_msg(out, FROM_FAILED, seq, |o| codec::encode_plain(&e.to_string(), o));
+            push_msg(out, FROM_FAILED, seq, |o| {
+                codec::encode_plain(&e.to_string(), o)
+            });
         }
         Err(Error::Panicked { message, backtrace }) => {
             out.truncate(start);
@@ -369,7 +373,9 @@ fn run_task(out: &mut Vec<u8>, seq: u64, rest: &[u8], fds: Vec<OwnedFd>) {
         }
         Err(e) => {
             out.truncate(start);
-            push_msg(out, FROM_FAILED, seq, |o| codec::encode_plain(&e.to_string(), o));
+            push_msg(out, FROM_FAILED, seq, |o| {
+                codec::encode_plain(&e.to_string(), o)
+            });
         }
     }
 }
