@@ -20,7 +20,7 @@ use super::transport::{
 };
 use crate::codec;
 use crate::error::{Error, ExitStatus, Result};
-use crate::platform;
+use crate::platform::{self, EpollOp};
 use crate::process::ProcessInfo;
 
 /// A job's id.
@@ -96,6 +96,10 @@ enum WState {
 }
 
 struct Worker {
+    /// Its token in the epoll set (`2 * id` socket, `2 * id + 1` death).
+    id: u64,
+    /// Whether the epoll set watches its socket for writability.
+    out_registered: bool,
     link: Box<dyn Link>,
     state: WState,
     inflight: VecDeque<Inflight>,
@@ -225,6 +229,8 @@ pub(crate) struct Inner {
     bg_cv: Condvar,
     nudge_r: OwnedFd,
     nudge_w: OwnedFd,
+    /// The readiness set of the nudge pipe and every worker's socket and death descriptor.
+    ep: OwnedFd,
     pub(crate) config: Config,
     transport: Box<dyn Transport>,
     boot: BootEncoder,
@@ -269,6 +275,14 @@ impl Inner {
         let (nudge_r, nudge_w) = platform::pipe()?;
         platform::set_nonblocking(nudge_r.as_fd(), true)?;
         platform::set_nonblocking(nudge_w.as_fd(), true)?;
+        let ep = platform::epoll_create()?;
+        platform::epoll_ctl(
+            ep.as_fd(),
+            EpollOp::Add,
+            nudge_r.as_fd(),
+            platform::EPOLLIN,
+            NUDGE_TOKEN,
+        )?;
         let inner = Arc::new(Inner {
             core: Mutex::new(Core {
                 workers: Vec::new(),
@@ -295,6 +309,7 @@ impl Inner {
             bg_cv: Condvar::new(),
             nudge_r,
             nudge_w,
+            ep,
             config,
             transport,
             boot,
@@ -386,7 +401,24 @@ impl Inner {
             parent_name: me.name().to_string(),
         };
         let link = self.transport.launch(&self.boot, info)?;
+        let id = g.worker_counter as u64;
+        platform::epoll_ctl(
+            self.ep.as_fd(),
+            EpollOp::Add,
+            link.sock(),
+            platform::EPOLLIN,
+            2 * id,
+        )?;
+        platform::epoll_ctl(
+            self.ep.as_fd(),
+            EpollOp::Add,
+            link.death(),
+            platform::EPOLLIN,
+            2 * id + 1,
+        )?;
         g.workers.push(Worker {
+            id,
+            out_registered: false,
             link,
             state: WState::Starting,
             inflight: VecDeque::new(),
@@ -559,17 +591,27 @@ impl Inner {
             return g;
         }
         self.dispatch(&mut g);
-        // The poll set: the nudge pipe, then per worker its socket and its death descriptor.
-        let mut set = Vec::with_capacity(1 + 2 * g.workers.len());
-        set.push(platform::pollfd(self.nudge_r.as_fd(), platform::POLLIN));
-        for w in &g.workers {
-            let ev = if w.link.wants_write() {
-                platform::POLLIN | platform::POLLOUT
-            } else {
-                platform::POLLIN
-            };
-            set.push(platform::pollfd(w.link.sock(), ev));
-            set.push(platform::pollfd(w.link.death(), platform::POLLIN));
+        // Watch for writability only while a worker has frames waiting to go.
+        for w in g.workers.iter_mut() {
+            let want = w.link.wants_write();
+            if want != w.out_registered {
+                let ev = if want {
+                    platform::EPOLLIN | platform::EPOLLOUT
+                } else {
+                    platform::EPOLLIN
+                };
+                if platform::epoll_ctl(
+                    self.ep.as_fd(),
+                    EpollOp::Modify,
+                    w.link.sock(),
+                    ev,
+                    2 * w.id,
+                )
+                .is_ok()
+                {
+                    w.out_registered = want;
+                }
+            }
         }
         let mut timeout_ms: i64 = -1;
         if let Some(d) = deadline {
@@ -586,40 +628,46 @@ impl Inner {
         if !may_block {
             timeout_ms = 0;
         }
-        let nworkers = g.workers.len();
         drop(g);
-        // Spin briefly (cheap non-blocking polls) before sleeping: waking an idle vCPU costs
-        // tens of microseconds, a result is often that close.
-        let mut n = platform::poll_set(&mut set, 0).unwrap_or(0);
+        let mut events = [platform::EpollEvent { events: 0, u64: 0 }; 32];
+        let ep = self.ep.as_fd();
+        let mut n = platform::epoll_wait(ep, &mut events, 0).unwrap_or(0);
         if n == 0 && timeout_ms != 0 {
-            let spin_until = Instant::now() + Duration::from_micros(30);
+            // Spin briefly (cheap non-blocking waits) before sleeping: waking an idle vCPU
+            // costs tens of microseconds, and a result is often that close.
+            let spin_until = Instant::now() + spin_time();
             while n == 0 && Instant::now() < spin_until {
-                std::hint::spin_loop();
-                n = platform::poll_set(&mut set, 0).unwrap_or(0);
+                std::thread::yield_now();
+                n = platform::epoll_wait(ep, &mut events, 0).unwrap_or(0);
             }
             if n == 0 {
                 let ms = timeout_ms.min(i32::MAX as i64) as i32;
-                n = platform::poll_set(&mut set, ms).unwrap_or(0);
+                n = platform::epoll_wait(ep, &mut events, ms).unwrap_or(0);
             }
         }
-        let _ = n;
         let mut g = self.lock();
-        if set[0].revents != 0 {
-            self.drain_nudge();
-        }
         if g.state == PoolState::Terminated {
             return g;
         }
-        // Workers are only removed by a driver (us), so indices still match.
-        debug_assert_eq!(g.workers.len(), nworkers);
+        let mut ready_sock = Vec::new();
+        let mut ready_death = Vec::new();
+        for ev in &events[..n] {
+            let token = ev.u64;
+            if token == NUDGE_TOKEN {
+                self.drain_nudge();
+            } else if token % 2 == 0 {
+                ready_sock.push(token / 2);
+            } else {
+                ready_death.push(token / 2);
+            }
+        }
         let mut dead = Vec::new();
-        for i in 0..nworkers {
-            let sock_ev = set[1 + 2 * i].revents;
-            let death_ev = set[2 + 2 * i].revents;
-            if sock_ev != 0 || g.workers[i].link.wants_write() {
+        for i in 0..g.workers.len() {
+            let id = g.workers[i].id;
+            if ready_sock.contains(&id) || g.workers[i].link.wants_write() {
                 self.service(&mut g, i);
             }
-            if death_ev != 0 || g.workers[i].broken {
+            if ready_death.contains(&id) || g.workers[i].broken {
                 dead.push(i);
             }
         }
@@ -754,6 +802,8 @@ impl Inner {
         // Results it sent before dying still count.
         self.service(g, i);
         let mut w = g.workers.swap_remove(i);
+        let _ = platform::epoll_ctl(self.ep.as_fd(), EpollOp::Delete, w.link.sock(), 0, 0);
+        let _ = platform::epoll_ctl(self.ep.as_fd(), EpollOp::Delete, w.link.death(), 0, 0);
         let running = w.link.running().map(|(s, _)| s);
         w.link.kill();
         let status = w
@@ -1011,6 +1061,21 @@ impl Inner {
         self.terminate();
         Ok(())
     }
+}
+
+/// The epoll token of the nudge pipe.
+const NUDGE_TOKEN: u64 = u64::MAX;
+
+/// How long a driver spins before it blocks (`MULTIPROC_SPIN_US`, default 30 µs).
+fn spin_time() -> Duration {
+    static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *SPIN.get_or_init(|| {
+        let us = std::env::var("MULTIPROC_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        Duration::from_micros(us)
+    })
 }
 
 /// Gives up the driver role if a driving thread unwinds (a panic must not leave the pool

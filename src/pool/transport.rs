@@ -391,7 +391,9 @@ impl Drop for LocalLink {
 mod tests {
     use super::*;
 
-    /// A link on a socket pair whose worker is a `sleep` process (killed and reaped on drop).
+    /// A link on a socket pair whose worker is a `sleep` process (killed and reaped through its
+    /// pidfd when the link drops, so the `Child` handle is deliberately not waited on).
+    #[allow(clippy::zombie_processes)]
     fn test_link() -> (LocalLink, OwnedFd) {
         let (ours, theirs) = platform::socketpair(libc::SOCK_STREAM).unwrap();
         platform::set_nonblocking(ours.as_fd(), true).unwrap();
