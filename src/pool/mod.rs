@@ -299,59 +299,93 @@ fn item_error((_, message, backtrace): ItemError) -> Error {
     Error::Panicked { message, backtrace }
 }
 
-/// Results of a map-like job, per chunk.
+/// Results of a map-like job. Chunks that complete in input order are decoded straight into
+/// the output; others wait in `pending` until their turn.
 struct ChunkSink<R> {
-    chunks: Vec<Option<Result<Vec<R>>>>,
+    out: Vec<R>,
+    /// The next chunk the output needs.
+    next: u32,
+    pending: BTreeMap<u32, Result<Vec<R>>>,
+    /// The first error by input order (map returns it).
+    err: Option<Error>,
+    /// Number of chunks (known once all are submitted).
+    total: u32,
+}
+
+impl<R> ChunkSink<R> {
+    fn new(capacity: usize, total: u32) -> Self {
+        ChunkSink {
+            out: Vec::with_capacity(capacity),
+            next: 0,
+            pending: BTreeMap::new(),
+            err: None,
+            total,
+        }
+    }
+
+    fn take_chunk(&mut self, r: Result<Vec<R>>) {
+        match r {
+            Ok(v) if self.err.is_none() => self.out.extend(v),
+            Ok(_) => {}
+            Err(e) => {
+                if self.err.is_none() {
+                    self.err = Some(e);
+                }
+            }
+        }
+        self.next += 1;
+    }
 }
 
 impl<R: DeserializeOwned + Send + 'static> Sink for ChunkSink<R> {
     fn deliver(&mut self, index: u32, _items: u32, outcome: Result<&[u8]>) {
-        let r = outcome.and_then(|b| {
-            let (res, mut errs): Decoded<R> = worker::decode_results(b)?;
-            if errs.is_empty() {
-                Ok(res)
-            } else {
-                Err(item_error(errs.swap_remove(0)))
+        if index == self.next && self.err.is_none() {
+            let r = outcome.and_then(|b| worker::decode_results_into(b, &mut self.out));
+            match r {
+                Ok(mut errs) if !errs.is_empty() => {
+                    self.err = Some(item_error(errs.swap_remove(0)))
+                }
+                Ok(_) => {}
+                Err(e) => self.err = Some(e),
             }
-        });
-        let i = index as usize;
-        if i >= self.chunks.len() {
-            // The input gave more than its size hint promised.
-            self.chunks.resize_with(i + 1, || None);
+            self.next += 1;
+        } else {
+            let r = outcome.and_then(|b| {
+                let (res, mut errs): Decoded<R> = worker::decode_results(b)?;
+                if errs.is_empty() {
+                    Ok(res)
+                } else {
+                    Err(item_error(errs.swap_remove(0)))
+                }
+            });
+            self.pending.insert(index, r);
         }
-        self.chunks[i] = Some(r);
+        while let Some(r) = self.pending.remove(&self.next) {
+            self.take_chunk(r);
+        }
     }
     fn as_any(&mut self) -> &mut dyn Any {
         self
     }
 }
 
-fn into_chunk_sink<R: 'static>(mut s: Box<dyn Sink>) -> Box<ChunkSink<R>> {
-    let any = s.as_any();
-    let cs = any
+fn into_chunk_sink<R: 'static>(mut s: Box<dyn Sink>) -> ChunkSink<R> {
+    let cs = s
+        .as_any()
         .downcast_mut::<ChunkSink<R>>()
         .expect("a map job has a ChunkSink");
-    Box::new(ChunkSink {
-        chunks: std::mem::take(&mut cs.chunks),
-    })
+    std::mem::replace(cs, ChunkSink::new(0, 0))
 }
 
 fn extract_vec<R: DeserializeOwned + Send + 'static>(s: Box<dyn Sink>) -> Result<Vec<R>> {
     let cs = into_chunk_sink::<R>(s);
-    let total: usize = cs
-        .chunks
-        .iter()
-        .map(|c| c.as_ref().and_then(|r| r.as_ref().ok()).map_or(0, Vec::len))
-        .sum();
-    let mut out = Vec::with_capacity(total);
-    for c in cs.chunks {
-        match c {
-            Some(Ok(v)) => out.extend(v),
-            Some(Err(e)) => return Err(e),
-            None => return Err(Error::state("a task of this job never finished")),
-        }
+    if let Some(e) = cs.err {
+        return Err(e);
     }
-    Ok(out)
+    if cs.next < cs.total {
+        return Err(Error::state("a task of this job never finished"));
+    }
+    Ok(cs.out)
 }
 
 fn extract_one<R: DeserializeOwned + Send + 'static>(s: Box<dyn Sink>) -> Result<R> {
@@ -409,9 +443,7 @@ impl Pool {
         let job = {
             let mut g = self.inner.lock();
             self.check_running(&g)?;
-            let sink = ChunkSink::<R> {
-                chunks: (0..nchunks).map(|_| None).collect(),
-            };
+            let sink = ChunkSink::<R>::new(len, nchunks as u32);
             self.inner.new_job(&mut g, Box::new(sink), true)
         };
         // Encode and submit in batches of about 64 KiB, so the workers start on the first
@@ -469,7 +501,8 @@ impl Pool {
                 .as_mut()
                 .and_then(|s| s.as_any().downcast_mut::<ChunkSink<R>>())
             {
-                cs.chunks.resize_with(index as usize, || None);
+                // The length was the iterator's promise: trust what it gave.
+                cs.total = index;
             }
         }
         self.inner.close_job(&mut g, job);
@@ -521,11 +554,9 @@ impl Pool {
         let len = buf.len();
         let mut g = self.inner.lock();
         self.check_running(&g)?;
-        let job = self.inner.new_job(
-            &mut g,
-            Box::new(ChunkSink::<R> { chunks: vec![None] }),
-            false,
-        );
+        let job = self
+            .inner
+            .new_job(&mut g, Box::new(ChunkSink::<R>::new(1, 1)), false);
         let task = Task {
             job,
             index: 0,

@@ -153,6 +153,34 @@ fn decode_items<A: DeserializeOwned>(payload: &[u8], fds: Vec<OwnedFd>) -> Resul
     }
 }
 
+/// Decodes a chunk's results, appending them to `out`; returns the chunk's item errors.
+pub(crate) fn decode_results_into<R: DeserializeOwned>(
+    b: &[u8],
+    out: &mut Vec<R>,
+) -> Result<Vec<ItemError>> {
+    let derr = |e: super::wire::WireError| Error::Decode(e.to_string());
+    match b.split_first() {
+        Some((&FMT_WIRE, rest)) => {
+            let mut de = super::wire::De::new(rest);
+            let n = de.seq_len().map_err(derr)?;
+            out.reserve(n.min(rest.len()));
+            for _ in 0..n {
+                out.push(de.read().map_err(derr)?);
+            }
+            let errs: Vec<ItemError> = de.read().map_err(derr)?;
+            if !de.is_done() {
+                return Err(Error::Decode("trailing bytes after the results".into()));
+            }
+            Ok(errs)
+        }
+        _ => {
+            let (res, errs): (Vec<R>, Vec<ItemError>) = decode_results(b)?;
+            out.extend(res);
+            Ok(errs)
+        }
+    }
+}
+
 /// Decodes a chunk's `(results, errors)` as the worker encoded them.
 pub(crate) fn decode_results<T: DeserializeOwned>(b: &[u8]) -> Result<T> {
     match b.split_first() {
