@@ -1325,6 +1325,9 @@ impl<R> Drop for IMap<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::time::{Duration, Instant};
 
     #[test]
     fn python_default_chunksize() {
@@ -1332,5 +1335,115 @@ mod tests {
         assert_eq!(default_chunksize(0, 4), 1);
         assert_eq!(default_chunksize(5, 4), 1);
         assert_eq!(default_chunksize(17, 1), 5);
+    }
+
+    /// A handle as other modules make them: its descriptor travels with the message.
+    #[derive(Debug)]
+    struct PipeEnd(OwnedFd);
+
+    impl Serialize for PipeEnd {
+        fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+            codec::serialize_fd(self.0.as_fd(), s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for PipeEnd {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+            codec::deserialize_fd(d).map(PipeEnd)
+        }
+    }
+
+    fn write_tag((w, tag): (PipeEnd, u8)) -> u8 {
+        crate::platform::write(w.0.as_fd(), &[tag]).expect("write");
+        tag + 1
+    }
+
+    fn read_n(r: &OwnedFd, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < n && Instant::now() < deadline {
+            if crate::platform::poll_read(r.as_fd(), Some(Duration::from_millis(100))).unwrap() {
+                let mut b = [0u8; 64];
+                let k = crate::platform::read(r.as_fd(), &mut b).unwrap();
+                got.extend_from_slice(&b[..k]);
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn handles_in_arguments_travel_with_the_task() {
+        let (r, w) = crate::platform::pipe().unwrap();
+        let pool = Pool::new(2).unwrap();
+        let dup = |fd: &OwnedFd| PipeEnd(crate::platform::dup(fd.as_fd()).unwrap());
+        assert_eq!(pool.apply(write_tag, (dup(&w), 7)).unwrap(), 8);
+        // A whole chunk of handles, and the imap path.
+        let args: Vec<(PipeEnd, u8)> = (10..20).map(|t| (dup(&w), t)).collect();
+        assert_eq!(
+            pool.map_chunksize(write_tag, args, 4).unwrap(),
+            (11..21).collect::<Vec<u8>>()
+        );
+        let args: Vec<(PipeEnd, u8)> = (30..33).map(|t| (dup(&w), t)).collect();
+        let got: Vec<u8> = pool
+            .imap(write_tag, args)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        assert_eq!(got, vec![31, 32, 33]);
+        drop(w);
+        let mut tags = read_n(&r, 14);
+        tags.sort();
+        let mut want: Vec<u8> = std::iter::once(7).chain(10..20).chain(30..33).collect();
+        want.sort();
+        assert_eq!(tags, want);
+    }
+
+    /// Runs in a child: makes a pool, reports its workers' pids, then waits to be killed.
+    fn pool_owner(w: PipeEnd) {
+        let pool = Pool::new(2).unwrap();
+        let pids = pool.worker_pids();
+        let mut msg = Vec::new();
+        for p in pids {
+            msg.extend_from_slice(&p.to_le_bytes());
+        }
+        crate::platform::write(w.0.as_fd(), &msg).unwrap();
+        std::thread::sleep(Duration::from_secs(60));
+    }
+
+    fn alive(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(s) => !matches!(
+                s.rsplit(')')
+                    .next()
+                    .map(str::trim)
+                    .and_then(|t| t.chars().next()),
+                Some('Z' | 'X')
+            ),
+            Err(_) => false,
+        }
+    }
+
+    #[test]
+    fn workers_die_with_a_killed_pool_owner() {
+        let (r, w) = crate::platform::pipe().unwrap();
+        let mut owner = crate::Process::new(pool_owner, PipeEnd(w));
+        owner.start().unwrap();
+        let bytes = read_n(&r, 8);
+        assert_eq!(bytes.len(), 8, "the owner never reported its workers");
+        let pids: Vec<u32> = bytes
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert!(pids.iter().all(|&p| alive(p)));
+        owner.kill().unwrap();
+        owner.join().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids.iter().any(|&p| alive(p)) {
+            assert!(
+                Instant::now() < deadline,
+                "pool workers outlived their owner: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
