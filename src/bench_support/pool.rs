@@ -52,7 +52,7 @@ fn sq(x: u64) -> u64 {
 }
 
 /// Counts primes in `[from, to)` sequentially and on a warm pool of `workers` (64 blocks per
-/// worker pair, chunk size 1). Returns `(count, sequential seconds, parallel seconds)`, each the
+/// worker, chunk size 1). Returns `(count, sequential seconds, parallel seconds)`, each the
 /// median of 3 runs.
 pub fn primes(from: u64, to: u64, workers: usize) -> (u64, f64, f64) {
     let workers = workers.max(1);
@@ -67,7 +67,7 @@ pub fn primes(from: u64, to: u64, workers: usize) -> (u64, f64, f64) {
             .collect(),
     );
     let pool = Pool::new(workers).expect("pool");
-    let nblocks = (32 * workers) as u64;
+    let nblocks = (64 * workers) as u64;
     let bl = blocks(from, to, nblocks);
     pool.map_chunksize(count_primes, blocks(0, 1000, nblocks), 1)
         .expect("warm-up");
