@@ -91,9 +91,7 @@ pub(crate) fn recv_frame(sock: BorrowedFd<'_>, max: u64) -> Result<(Vec<u8>, Vec
             if got == 0 {
                 return Err(Error::Eof);
             }
-            return Err(Error::MalformedFrame(
-                "stream ended inside a frame header".into(),
-            ));
+            return Err(Error::MalformedFrame("stream ended inside a frame header".into()));
         }
         got += n;
     }

@@ -535,9 +535,7 @@ impl Process {
                          closure cannot travel to a process that does not share this memory"
                     )));
                 }
-                let f = f
-                    .take()
-                    .ok_or_else(|| Error::state("closure already used"))?;
+                let f = f.take().ok_or_else(|| Error::state("closure already used"))?;
                 start::launch_closure(Box::new(move || {
                     if info.daemon {
                         platform::die_with_parent(info.parent_pid);
@@ -745,10 +743,7 @@ impl<R: DeserializeOwned> JoinHandle<R> {
     }
 
     fn join_inner(&mut self, timeout: Option<Duration>) -> Result<R> {
-        let boot = self
-            .boot
-            .take()
-            .ok_or_else(|| Error::state("already joined"))?;
+        let boot = self.boot.take().ok_or_else(|| Error::state("already joined"))?;
         if !platform::poll_read(boot.as_fd(), timeout)? {
             return Err(Error::Timeout);
         }

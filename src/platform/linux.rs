@@ -134,15 +134,7 @@ pub(crate) fn exit_now(code: i32) -> ! {
 /// `expected_parent`, the process exits at once.
 pub(crate) fn die_with_parent(expected_parent: u32) {
     // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number; no memory is passed.
-    unsafe {
-        libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) };
     if getppid() != expected_parent {
         exit_now(1);
     }
@@ -201,7 +193,14 @@ pub(crate) fn pidfd_wait(pidfd: BorrowedFd<'_>, block: bool) -> Result<Option<Ex
     }
     retry(|| {
         // SAFETY: info is a valid, writable siginfo_t; the pidfd is valid for the call.
-        cvt(unsafe { libc::waitid(P_PIDFD, pidfd.as_raw_fd() as libc::id_t, &mut info, flags) })
+        cvt(unsafe {
+            libc::waitid(
+                P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                flags,
+            )
+        })
     })?;
     // SAFETY: waitid filled info (or left it zeroed for WNOHANG with no change): si_pid is valid
     // to read for SIGCHLD infos, and zero means "nothing yet".
@@ -557,10 +556,7 @@ pub(crate) enum Interest {
 
 /// Waits until one of `fds` is ready (readable, or writable, or hung up / in error) or the
 /// timeout passes (`None` waits forever). Returns a readiness flag for each descriptor.
-pub(crate) fn poll(
-    fds: &[(BorrowedFd<'_>, Interest)],
-    timeout: Option<Duration>,
-) -> Result<Vec<bool>> {
+pub(crate) fn poll(fds: &[(BorrowedFd<'_>, Interest)], timeout: Option<Duration>) -> Result<Vec<bool>> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|(fd, i)| libc::pollfd {
@@ -694,7 +690,10 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(Error::last_os());
         }
-        Ok(Mapping { ptr: p.cast(), len })
+        Ok(Mapping {
+            ptr: p.cast(),
+            len,
+        })
     }
 
     /// Start of the mapping (page aligned).
@@ -902,40 +901,8 @@ impl RawRobustMutex {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pool support: a reusable poll set, a clock shared by processes, atomics in a mapping
+// Pool support: a clock shared by processes, atomics in a mapping, epoll, non-blocking recvmsg
 // ---------------------------------------------------------------------------------------------
-
-/// Re-exported so callers can build a poll set they keep between calls (no allocation per wait).
-pub(crate) type PollFd = libc::pollfd;
-
-/// Readiness flags of [`PollFd`].
-pub(crate) const POLLIN: i16 = libc::POLLIN;
-/// See [`POLLIN`].
-pub(crate) const POLLOUT: i16 = libc::POLLOUT;
-
-/// A [`PollFd`] entry for `fd` with `events`.
-pub(crate) fn pollfd(fd: BorrowedFd<'_>, events: i16) -> PollFd {
-    libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events,
-        revents: 0,
-    }
-}
-
-/// `poll(2)` on a caller-kept set, once (`EINTR` counts as "nothing ready"). `timeout_ms < 0`
-/// waits forever. Returns how many entries have `revents` set.
-pub(crate) fn poll_set(set: &mut [PollFd], timeout_ms: i32) -> Result<usize> {
-    // SAFETY: set is a valid, writable array of pollfd of the given length.
-    let r = unsafe { libc::poll(set.as_mut_ptr(), set.len() as libc::nfds_t, timeout_ms) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() == io::ErrorKind::Interrupted {
-            return Ok(0);
-        }
-        return Err(e.into());
-    }
-    Ok(r as usize)
-}
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the machine, so a time
 /// written by one process can be compared with another's.
@@ -1018,7 +985,11 @@ pub(crate) fn epoll_ctl(
 
 /// Waits for readiness (`timeout_ms < 0`: forever); fills `out` and returns how many entries.
 /// `EINTR` counts as nothing ready.
-pub(crate) fn epoll_wait(ep: BorrowedFd<'_>, out: &mut [EpollEvent], timeout_ms: i32) -> Result<usize> {
+pub(crate) fn epoll_wait(
+    ep: BorrowedFd<'_>,
+    out: &mut [EpollEvent],
+    timeout_ms: i32,
+) -> Result<usize> {
     // SAFETY: out is a valid, writable array of epoll_event of the given length.
     let r = unsafe {
         libc::epoll_wait(

@@ -77,11 +77,7 @@ pub(crate) fn child_main(boot: OwnedFd) -> ! {
     let code = match run_task(&boot) {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(
-                std::io::stderr(),
-                "multiproc child {}: {e}",
-                platform::getpid()
-            );
+            let _ = writeln!(std::io::stderr(), "multiproc child {}: {e}", platform::getpid());
             EXIT_REFUSED
         }
     };
@@ -182,20 +178,22 @@ fn install_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let prev = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| match CAPTURING.with(|c| c.get()) {
-            Some(print) => {
-                let message = payload_message(info.payload());
-                let message = match info.location() {
-                    Some(l) => format!("{message} (at {}:{})", l.file(), l.line()),
-                    None => message,
-                };
-                let bt = std::backtrace::Backtrace::force_capture().to_string();
-                LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, bt)));
-                if print {
-                    prev(info);
+        std::panic::set_hook(Box::new(move |info| {
+            match CAPTURING.with(|c| c.get()) {
+                Some(print) => {
+                    let message = payload_message(info.payload());
+                    let message = match info.location() {
+                        Some(l) => format!("{message} (at {}:{})", l.file(), l.line()),
+                        None => message,
+                    };
+                    let bt = std::backtrace::Backtrace::force_capture().to_string();
+                    LAST_PANIC.with(|p| *p.borrow_mut() = Some((message, bt)));
+                    if print {
+                        prev(info);
+                    }
                 }
+                None => prev(info),
             }
-            None => prev(info),
         }));
     });
 }

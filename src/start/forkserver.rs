@@ -64,10 +64,7 @@ pub(super) fn launch(child_end: OwnedFd) -> Result<u32> {
         match request(server, &child_end) {
             Ok(pid) => return Ok(pid),
             Err(e) if attempt == 0 => {
-                tracing::warn!(
-                    "fork server {} failed ({e}); starting a new one",
-                    server.pid
-                );
+                tracing::warn!("fork server {} failed ({e}); starting a new one", server.pid);
                 let old = slot.take().expect("present");
                 let _ = platform::kill(old.pid, libc::SIGKILL);
                 platform::reap_pid(old.pid);

@@ -93,10 +93,7 @@ fn take_fd_var(var: &str) -> Option<OwnedFd> {
     // SAFETY: the parent put this descriptor here for us alone; we take ownership of it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if platform::set_cloexec(fd.as_fd(), true).is_err() {
-        eprintln!(
-            "multiproc: {var} names descriptor {} which is not open",
-            fd.as_raw_fd()
-        );
+        eprintln!("multiproc: {var} names descriptor {} which is not open", fd.as_raw_fd());
         std::mem::forget(fd);
         platform::exit_now(child::EXIT_REFUSED);
     }
