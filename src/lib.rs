@@ -30,11 +30,13 @@
 pub mod bench_support;
 mod codec;
 pub mod context;
+pub mod dummy;
 pub mod error;
 mod frame;
 mod function;
 mod heap;
 mod platform;
+pub mod pool;
 pub mod process;
 pub mod queues;
 pub mod shared_memory;
@@ -47,6 +49,7 @@ pub use context::{
 };
 pub use error::{Error, ExitStatus, Result};
 pub use function::build_id;
+pub use pool::{AsyncResult, IMap, Pool, PoolBuilder};
 pub use process::{
     ChildSummary, CurrentProcess, JoinHandle, ParentProcess, Process, Worker, active_children,
     cpu_count, current_process, parent_process, process_cpu_count, spawn, spawn_in,

@@ -9,6 +9,7 @@
 //! VM does not decide a row; callers take [`median3`] of such figures and convert to the row's
 //! unit.
 
+pub mod pool;
 pub mod process;
 pub mod queue;
 pub mod raw;

@@ -1057,3 +1057,165 @@ pub(crate) fn set_process_name(name: &str) {
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from buf.
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pool support: a clock shared by processes, atomics in a mapping, epoll, non-blocking recvmsg
+// ---------------------------------------------------------------------------------------------
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the same clock in every process of the machine, so a time
+/// written by one process can be compared with another's.
+pub(crate) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Mapping {
+    /// The `i`-th aligned `u64` of the mapping as an atomic (panics if out of range).
+    pub(crate) fn atomic_u64(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(
+            (i + 1) * 8 <= self.len,
+            "atomic_u64 index out of the mapping"
+        );
+        // SAFETY: the mapping is page aligned, so offset i*8 is 8-aligned; it is in range (checked
+        // above) and lives as long as &self. Shared memory is only ever accessed atomically
+        // through this view by the pool (worker and parent).
+        unsafe { &*(self.ptr.add(i * 8) as *const std::sync::atomic::AtomicU64) }
+    }
+}
+
+/// Duplicates a raw descriptor that belongs to a live value (a handle being serialized), so the
+/// copy outlives that value (close-on-exec).
+pub(crate) fn dup_raw(fd: RawFd) -> Result<OwnedFd> {
+    // SAFETY: callers pass descriptors collected by `codec::encode_into` from handles that are
+    // alive for this call; borrowing one for the duration of `dup` is sound.
+    let b = unsafe { BorrowedFd::borrow_raw(fd) };
+    dup(b)
+}
+
+/// An epoll instance (close-on-exec): a readiness set kept across waits, so waiting costs one
+/// cheap system call whatever the number of descriptors.
+pub(crate) fn epoll_create() -> Result<OwnedFd> {
+    // SAFETY: epoll_create1 takes only flags.
+    let r = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+    // SAFETY: the fd was just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
+/// An epoll event record.
+pub(crate) type EpollEvent = libc::epoll_event;
+
+/// Readiness flags for [`epoll_ctl`].
+pub(crate) const EPOLLIN: u32 = libc::EPOLLIN as u32;
+/// See [`EPOLLIN`].
+pub(crate) const EPOLLOUT: u32 = libc::EPOLLOUT as u32;
+
+/// What [`epoll_ctl`] does.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum EpollOp {
+    Add,
+    Modify,
+    Delete,
+}
+
+/// Adds, changes or removes `fd` in the set, with `events` and the token `data`.
+pub(crate) fn epoll_ctl(
+    ep: BorrowedFd<'_>,
+    op: EpollOp,
+    fd: BorrowedFd<'_>,
+    events: u32,
+    data: u64,
+) -> Result<()> {
+    let op = match op {
+        EpollOp::Add => libc::EPOLL_CTL_ADD,
+        EpollOp::Modify => libc::EPOLL_CTL_MOD,
+        EpollOp::Delete => libc::EPOLL_CTL_DEL,
+    };
+    let mut ev = libc::epoll_event { events, u64: data };
+    // SAFETY: ev is a valid epoll_event for the call; both fds are valid.
+    cvt(unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd.as_raw_fd(), &mut ev) })?;
+    Ok(())
+}
+
+/// Waits for readiness (`timeout_ms < 0`: forever); fills `out` and returns how many entries.
+/// `EINTR` counts as nothing ready.
+pub(crate) fn epoll_wait(
+    ep: BorrowedFd<'_>,
+    out: &mut [EpollEvent],
+    timeout_ms: i32,
+) -> Result<usize> {
+    // SAFETY: out is a valid, writable array of epoll_event of the given length.
+    let r = unsafe {
+        libc::epoll_wait(
+            ep.as_raw_fd(),
+            out.as_mut_ptr(),
+            out.len().min(i32::MAX as usize) as i32,
+            timeout_ms,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e.into());
+    }
+    Ok(r as usize)
+}
+
+/// [`recv_with_fds`] that never blocks: `WouldBlock` when nothing is there.
+pub(crate) fn recv_with_fds_nowait(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<usize> {
+    let space = cmsg_space(MAX_FDS_PER_MSG);
+    let mut cbuf = [0u64; 64];
+    debug_assert!(space <= std::mem::size_of_val(&cbuf));
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is valid, fields set below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space.min(std::mem::size_of_val(&cbuf)) as _;
+    let n = retry(|| {
+        // SAFETY: msg describes valid writable buffers that outlive the call.
+        let r = unsafe {
+            libc::recvmsg(
+                fd.as_raw_fd(),
+                &mut msg,
+                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
+            )
+        };
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })?;
+    // SAFETY: as in `recv_with_fds`: well-formed cmsgs filled by the kernel.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "too many file descriptors in one message",
+        ));
+    }
+    Ok(n)
+}
