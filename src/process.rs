@@ -394,7 +394,12 @@ fn hand_to_reaper(c: Arc<ChildProc>) {
 type Encoder = Box<dyn Fn(&mut Vec<u8>) -> Result<Vec<std::os::fd::RawFd>> + Send + Sync>;
 
 enum Target {
-    Entry { entry: Entry, args: Encoder },
+    /// `args` is taken at `start`: the parent must not keep the child's handles (a passed
+    /// `Connection`'s end would otherwise stay open here and the other side never see EOF).
+    Entry {
+        entry: Entry,
+        args: Option<Encoder>,
+    },
     Closure(Option<Box<dyn FnOnce() + Send>>),
 }
 
@@ -446,7 +451,7 @@ impl Process {
         Process {
             target: Target::Entry {
                 entry: function::entry_of(f),
-                args: Box::new(move |out| codec::encode_into(&args, out)),
+                args: Some(Box::new(move |out| codec::encode_into(&args, out))),
             },
             name: None,
             daemon: false,
@@ -526,8 +531,11 @@ impl Process {
         let method = self.context.start_method();
         let (pid, pidfd) = match &mut self.target {
             Target::Entry { entry, args } => {
+                let encode = args
+                    .take()
+                    .ok_or_else(|| Error::state("arguments already used"))?;
                 let mut payload = Vec::new();
-                let fds = args(&mut payload)?;
+                let fds = encode(&mut payload)?;
                 let task = ChildTask {
                     build_id: function::build_id().to_vec(),
                     entry: function::entry_id(*entry),

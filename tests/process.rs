@@ -418,3 +418,28 @@ fn cpu_counts() {
     assert!(multiproc::process_cpu_count() >= 1);
     assert!(multiproc::process_cpu_count() <= multiproc::cpu_count());
 }
+
+#[test]
+fn daemon_started_from_a_short_lived_thread_outlives_the_thread() {
+    // PR_SET_PDEATHSIG follows the creating *thread*: children must be made from a thread that
+    // lives as long as the process, whichever thread asks (and the fork server must be started
+    // from one too, since its children inherit its parent thread).
+    each_method(|m| {
+        let p = std::thread::spawn(move || {
+            let mut p = Process::new(sleep_forever, ())
+                .daemon(true)
+                .context(get_context(m));
+            p.start().unwrap();
+            p
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            p.join_timeout(Duration::from_millis(300)).unwrap(),
+            None,
+            "{m}: the daemon died with the thread that started it"
+        );
+        p.kill().unwrap();
+        p.join().unwrap();
+    });
+}

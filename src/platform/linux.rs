@@ -1219,3 +1219,10 @@ pub(crate) fn recv_with_fds_nowait(
     }
     Ok(n)
 }
+
+/// Closes a descriptor by number: for a forked child dropping its copy of a descriptor whose
+/// owner lives in the parent.
+pub(crate) fn close_raw(fd: RawFd) {
+    // SAFETY: the caller names a descriptor this process has a copy of and never uses again.
+    unsafe { libc::close(fd) };
+}

@@ -153,7 +153,9 @@ impl Transport for LocalTransport {
         let page = Mapping::new(page_fd.as_fd(), PAGE)?;
         let mut payload = Vec::new();
         let fds = (boot.encode)(theirs.as_fd(), page_fd.as_fd(), &mut payload)?;
-        let l = launch_from_launcher(self.method)?;
+        // start::launch makes the child from a long-lived thread (see its docs): workers are
+        // daemons and must not die with whichever thread drives the pool.
+        let l = start::launch(self.method)?;
         let task = ChildTask {
             build_id: crate::function::build_id().to_vec(),
             entry: boot.entry,
@@ -184,46 +186,6 @@ impl Transport for LocalTransport {
             reaped: None,
         }))
     }
-}
-
-/// Starts a child from the process-wide launcher thread.
-///
-/// `PR_SET_PDEATHSIG` (what makes daemon workers die with the pool's process) fires when the
-/// *thread* that created the child exits, not the process. Launching from whatever thread
-/// happens to drive the pool (a caller's short-lived thread) would kill workers when that thread
-/// ends; this thread lives as long as the process. A forked child inherits the static but not
-/// the thread, so the launcher is recreated when the pid changes.
-fn launch_from_launcher(method: StartMethod) -> Result<start::Launched> {
-    type Reply = std::sync::mpsc::Sender<Result<start::Launched>>;
-    type Request = (StartMethod, Reply);
-    static LAUNCHER: std::sync::Mutex<Option<(u32, std::sync::mpsc::Sender<Request>)>> =
-        std::sync::Mutex::new(None);
-    let me = platform::getpid();
-    let tx = {
-        let mut g = LAUNCHER.lock().unwrap_or_else(|p| p.into_inner());
-        match g.as_ref() {
-            Some((pid, tx)) if *pid == me => tx.clone(),
-            _ => {
-                let (tx, rx) = std::sync::mpsc::channel::<Request>();
-                std::thread::Builder::new()
-                    .name("multiproc-launcher".into())
-                    .spawn(move || {
-                        for (method, reply) in rx {
-                            let _ = reply.send(start::launch(method));
-                        }
-                    })
-                    .map_err(Error::Io)?;
-                *g = Some((me, tx.clone()));
-                tx
-            }
-        }
-    };
-    let (reply, answer) = std::sync::mpsc::channel();
-    tx.send((method, reply))
-        .map_err(|_| Error::state("the pool's launcher thread is gone"))?;
-    answer
-        .recv()
-        .map_err(|_| Error::state("the pool's launcher thread is gone"))?
 }
 
 struct LocalLink {

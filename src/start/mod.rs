@@ -11,10 +11,10 @@ mod fork;
 mod forkserver;
 mod spawn;
 
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use crate::context::StartMethod;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::frame;
 use crate::platform;
 
@@ -66,11 +66,70 @@ pub(crate) fn launch_task(
 }
 
 fn launch_on(method: StartMethod, parent_end: OwnedFd, child_end: OwnedFd) -> Result<Launched> {
-    let pid = match method {
-        StartMethod::Fork => fork::launch(parent_end.as_fd(), child_end)?,
-        StartMethod::ForkServer => forkserver::launch(child_end)?,
-        StartMethod::Spawn => spawn::launch(child_end)?,
+    let parent_raw = parent_end.as_raw_fd();
+    let pid = on_long_lived_thread(move || make_child(method, parent_raw, child_end))??;
+    finish_launch(pid, parent_end)
+}
+
+/// Runs `f` on a thread that lives as long as the process: the calling thread if it is the main
+/// thread, else the process-wide launcher thread.
+///
+/// Why: `PR_SET_PDEATHSIG`, which makes daemon children die with their parent, fires when the
+/// *thread* that created the child exits, not the process. A child made from a short-lived thread
+/// (a test, a pool's helper, a caller's worker thread) would be killed when that thread ends. The
+/// fork server's children inherit the thread that started the server as their parent thread, so
+/// the server is started here too. A forked copy of the process has the launcher's channel but
+/// not its thread, so the launcher is recreated when the pid changes.
+fn on_long_lived_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
+    let me = platform::getpid();
+    if platform::gettid() == me {
+        return Ok(f());
+    }
+    type Job = Box<dyn FnOnce() + Send>;
+    static LAUNCHER: std::sync::Mutex<Option<(u32, std::sync::mpsc::Sender<Job>)>> =
+        std::sync::Mutex::new(None);
+    let tx = {
+        let mut g = LAUNCHER.lock().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref() {
+            Some((pid, tx)) if *pid == me => tx.clone(),
+            _ => {
+                if let Some(old) = g.take() {
+                    // Inherited through fork: its thread does not exist here.
+                    std::mem::forget(old);
+                }
+                let (tx, rx) = std::sync::mpsc::channel::<Job>();
+                std::thread::Builder::new()
+                    .name("multiproc-launcher".into())
+                    .spawn(move || {
+                        for job in rx {
+                            job();
+                        }
+                    })
+                    .map_err(Error::Io)?;
+                *g = Some((me, tx.clone()));
+                tx
+            }
+        }
     };
+    let (reply, answer) = std::sync::mpsc::channel();
+    tx.send(Box::new(move || {
+        let _ = reply.send(f());
+    }))
+    .map_err(|_| Error::state("the launcher thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| Error::state("the launcher thread is gone"))
+}
+
+fn make_child(method: StartMethod, parent_end: RawFd, child_end: OwnedFd) -> Result<u32> {
+    match method {
+        StartMethod::Fork => fork::launch(parent_end, child_end),
+        StartMethod::ForkServer => forkserver::launch(child_end),
+        StartMethod::Spawn => spawn::launch(child_end),
+    }
+}
+
+fn finish_launch(pid: u32, parent_end: OwnedFd) -> Result<Launched> {
     // The child is our own child in every method (the fork server forks with CLONE_PARENT), so
     // its pid cannot be reused before we reap it: pidfd_open has no race here.
     let pidfd = match platform::pidfd_open(pid) {
@@ -91,7 +150,7 @@ fn launch_on(method: StartMethod, parent_end: OwnedFd, child_end: OwnedFd) -> Re
 /// Forks a child that runs `f` and exits with the code it returns ([`StartMethod::Fork`] only:
 /// the closure's captures exist only in this address space).
 pub(crate) fn launch_closure(f: Box<dyn FnOnce() -> i32 + Send>) -> Result<(u32, OwnedFd)> {
-    let pid = fork::launch_closure(f)?;
+    let pid = on_long_lived_thread(move || fork::launch_closure(f))??;
     let pidfd = platform::pidfd_open(pid)?;
     Ok((pid, pidfd))
 }
