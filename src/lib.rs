@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 mod codec;
+pub mod connection;
 pub mod context;
 pub mod error;
 mod frame;
@@ -35,6 +36,7 @@ mod platform;
 pub mod process;
 mod start;
 
+pub use connection::{Connection, Pipe};
 pub use context::{
     Context, StartMethod, get_all_start_methods, get_context, get_start_method, set_start_method,
 };
