@@ -32,6 +32,7 @@ pub mod context;
 pub mod error;
 mod frame;
 mod function;
+pub mod managers;
 mod platform;
 pub mod process;
 mod start;

@@ -27,9 +27,10 @@
 //! assert!(matches!(b.recv(), Err(multiproc::Error::Eof)));
 //! ```
 
-mod auth;
+pub(crate) mod auth;
 mod listener;
 
+pub(crate) use listener::connect_raw;
 pub use listener::{Address, Client, DEFAULT_HANDSHAKE_TIMEOUT, Listener, ToAddress};
 
 #[doc(hidden)]
@@ -85,6 +86,10 @@ impl RawConn {
             broken: None,
             spin: Duration::ZERO,
         }
+    }
+
+    pub(crate) fn fileno(&self) -> Result<BorrowedFd<'_>> {
+        self.fd()
     }
 
     fn fd(&self) -> Result<BorrowedFd<'_>> {
@@ -402,6 +407,10 @@ impl<T> Connection<T> {
     /// wake-up of an idle CPU); the default is zero.
     pub fn set_spin(&mut self, spin: Duration) {
         self.raw.set_spin(spin);
+    }
+
+    pub(crate) fn raw_mut(&mut self) -> &mut RawConn {
+        &mut self.raw
     }
 
     /// The same connection carrying messages of another type.
