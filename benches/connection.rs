@@ -4,6 +4,10 @@
 
 use std::time::Instant;
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use multiproc::managers::{DictProxy, Manager};
 use multiproc::{Connection, Pipe};
 
 const NS: usize = 200_000;
@@ -58,6 +62,51 @@ fn rtt() -> f64 {
     us
 }
 
+/// The raw limit: the same stream with bare `write`/`read` on a socket pair between two
+/// processes, fixed-size messages, no framing.
+fn raw_producer((c, n, size): (Connection<()>, usize, usize)) {
+    let mut s = UnixStream::from(c.fileno().unwrap().try_clone_to_owned().unwrap());
+    let payload = vec![b'x'; size];
+    for _ in 0..n {
+        s.write_all(&payload).unwrap();
+    }
+}
+
+fn raw(n: usize, size: usize) -> f64 {
+    let (rx, tx) = Pipe::<()>::new(false).unwrap();
+    let mut s = UnixStream::from(rx.fileno().unwrap().try_clone_to_owned().unwrap());
+    drop(rx);
+    let t = Instant::now();
+    let h = multiproc::spawn(raw_producer, (tx, n, size)).unwrap();
+    let mut buf = vec![0u8; size];
+    for _ in 0..n {
+        s.read_exact(&mut buf).unwrap();
+    }
+    let dt = t.elapsed().as_secs_f64();
+    h.join().unwrap();
+    n as f64 / dt
+}
+
+const ND: u64 = 20_000;
+
+fn dict_child(d: DictProxy<u64, u64>) -> (f64, f64) {
+    let t = Instant::now();
+    for i in 0..ND {
+        d.set(&i, &i).unwrap();
+    }
+    let t1 = Instant::now();
+    let mut s = 0;
+    for i in 0..ND {
+        s += d.get(&i).unwrap().unwrap();
+    }
+    let t2 = Instant::now();
+    assert_eq!(s, ND * (ND - 1) / 2);
+    (
+        ND as f64 / (t1 - t).as_secs_f64(),
+        ND as f64 / (t2 - t1).as_secs_f64(),
+    )
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -68,10 +117,28 @@ fn main() {
     let small = median((0..3).map(|_| run(NS, 8)).collect());
     let large = median((0..3).map(|_| run(NB, 1 << 20)).collect());
     let rt = median((0..3).map(|_| rtt()).collect());
+    let raw_small = median((0..3).map(|_| raw(NS, 8)).collect());
+    let raw_large = median((0..3).map(|_| raw(NB, 1 << 20)).collect());
+    let m = Manager::start().unwrap();
+    let (mut sets, mut gets) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let d = m.dict::<u64, u64>().unwrap();
+        let (s, g) = multiproc::spawn(dict_child, d).unwrap().join().unwrap();
+        sets.push(s);
+        gets.push(g);
+    }
+    let (sets, gets) = (median(sets), median(gets));
     println!("pipe_small  {small:>12.0} msgs/s   (Python 256 k, target >= 1.28 M)");
     println!(
         "pipe_large  {:>12.2} GB/s     (Python 0.49, target >= 2.45)",
         large * (1u64 << 20) as f64 / 1e9
     );
     println!("pipe_rtt    {rt:>12.1} us");
+    println!(
+        "raw socket pair, same run: 8 B {raw_small:.0} msgs/s, 1 MiB {:.2} GB/s",
+        raw_large * (1u64 << 20) as f64 / 1e9
+    );
+    println!(
+        "manager_dict from a child: set {sets:.0} ops/s, get {gets:.0} ops/s (Python 11.6 k / 12.5 k, target >= 116 k / 125 k)"
+    );
 }

@@ -56,6 +56,10 @@ const KEEP_WBUF: usize = 4 << 20;
 /// ones go as header then payload, without the copy.
 const COPY_MAX: usize = 64 * 1024;
 
+/// Send buffer asked for on each end of a [`Pipe`] (the kernel doubles it and caps it at
+/// `net.core.wmem_max`; the default is about 208 KiB).
+const PIPE_SNDBUF: usize = 1 << 20;
+
 /// The untyped core of a connection: a stream socket, a receive buffer and a reusable send
 /// buffer.
 pub(crate) struct RawConn {
@@ -176,16 +180,35 @@ impl RawConn {
         match self.reader.next(&mut src, self.max_frame) {
             Ok(Frame::Buffered(b, fds)) => f(b, fds),
             Ok(Frame::Owned(b, fds)) => f(&b, fds),
-            Err(e) => {
-                if matches!(
-                    e,
-                    Error::MalformedFrame(_) | Error::FrameTooLarge { .. } | Error::Io(_)
-                ) {
-                    self.broken = Some(e.to_string());
-                }
-                Err(e)
-            }
+            Err(e) => Err(self.note_error(e)),
         }
+    }
+
+    /// Receives one frame as an owned vector (moved, not copied, when it is large).
+    fn recv_vec(&mut self) -> Result<Vec<u8>> {
+        self.check_read()?;
+        let fd = self.fd.as_ref().ok_or(Error::Closed)?.as_fd();
+        let mut src = SockSource {
+            fd,
+            deadline: None,
+            spin: self.spin,
+        };
+        match self.reader.next(&mut src, self.max_frame) {
+            Ok(Frame::Buffered(b, _)) => Ok(b.to_vec()),
+            Ok(Frame::Owned(b, _)) => Ok(b),
+            Err(e) => Err(self.note_error(e)),
+        }
+    }
+
+    /// Marks the stream out of step after a framing or I/O error.
+    fn note_error(&mut self, e: Error) -> Error {
+        if matches!(
+            e,
+            Error::MalformedFrame(_) | Error::FrameTooLarge { .. } | Error::Io(_)
+        ) {
+            self.broken = Some(e.to_string());
+        }
+        e
     }
 
     fn recv_bytes_into(&mut self, out: &mut [u8]) -> Result<usize> {
@@ -349,7 +372,7 @@ impl<T> Connection<T> {
     /// Receives the next message as bytes (Python's `recv_bytes`). Descriptors that came with
     /// it are closed.
     pub fn recv_bytes(&mut self) -> Result<Vec<u8>> {
-        self.raw.recv_with(None, |b, _| Ok(b.to_vec()))
+        self.raw.recv_vec()
     }
 
     /// Receives the next message into `buf` and returns its length (Python's
@@ -499,6 +522,10 @@ impl<T> Pipe<T> {
     #[allow(clippy::new_ret_no_self)] // the name is Python's `Pipe()`; it makes two ends
     pub fn new(duplex: bool) -> Result<(Connection<T>, Connection<T>)> {
         let (a, b) = platform::socketpair(libc::SOCK_STREAM)?;
+        for fd in [&a, &b] {
+            // Best effort: fewer round trips through the scheduler for large messages.
+            let _ = platform::set_send_buffer(fd.as_fd(), PIPE_SNDBUF);
+        }
         Ok((
             Connection::from_raw(RawConn::new(a, true, duplex, true)),
             Connection::from_raw(RawConn::new(b, duplex, true, true)),

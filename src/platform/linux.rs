@@ -899,3 +899,26 @@ impl RawRobustMutex {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Socket options (connections)
+// ---------------------------------------------------------------------------------------------
+
+/// Asks for a send buffer of `bytes` on a socket (the kernel caps it at
+/// `net.core.wmem_max` and doubles it for its bookkeeping). Best effort: large messages cross a
+/// Unix stream socket in fewer, larger steps with a larger buffer.
+pub(crate) fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<()> {
+    let v: libc::c_int = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads exactly size_of::<c_int>() bytes from &v, which lives across the
+    // call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
