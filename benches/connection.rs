@@ -25,6 +25,12 @@ fn producer((mut c, go, n, size): (Connection<()>, Connection<()>, usize, usize)
 
 fn run(n: usize, size: usize) -> f64 {
     let (mut rx, tx) = Pipe::<()>::new(false).unwrap();
+    if let Some(us) = std::env::var("MP_SPIN_US")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        rx.set_spin(std::time::Duration::from_micros(us));
+    }
     let (mut go, go_child) = Pipe::<()>::new(true).unwrap();
     let h = multiproc::spawn(producer, (tx, go_child, n, size)).unwrap();
     let t = Instant::now();
@@ -114,20 +120,21 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     multiproc::init();
+    let only = std::env::var("MP_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "pipe" {
+        pipe_rows();
+    }
+    if only.is_empty() || only == "manager" {
+        manager_row();
+    }
+}
+
+fn pipe_rows() {
     let small = median((0..3).map(|_| run(NS, 8)).collect());
     let large = median((0..3).map(|_| run(NB, 1 << 20)).collect());
     let rt = median((0..3).map(|_| rtt()).collect());
     let raw_small = median((0..3).map(|_| raw(NS, 8)).collect());
     let raw_large = median((0..3).map(|_| raw(NB, 1 << 20)).collect());
-    let m = Manager::start().unwrap();
-    let (mut sets, mut gets) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        let d = m.dict::<u64, u64>().unwrap();
-        let (s, g) = multiproc::spawn(dict_child, d).unwrap().join().unwrap();
-        sets.push(s);
-        gets.push(g);
-    }
-    let (sets, gets) = (median(sets), median(gets));
     println!("pipe_small  {small:>12.0} msgs/s   (Python 256 k, target >= 1.28 M)");
     println!(
         "pipe_large  {:>12.2} GB/s     (Python 0.49, target >= 2.45)",
@@ -138,7 +145,20 @@ fn main() {
         "raw socket pair, same run: 8 B {raw_small:.0} msgs/s, 1 MiB {:.2} GB/s",
         raw_large * (1u64 << 20) as f64 / 1e9
     );
+}
+
+fn manager_row() {
+    let m = Manager::start().unwrap();
+    let (mut sets, mut gets) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let d = m.dict::<u64, u64>().unwrap();
+        let (s, g) = multiproc::spawn(dict_child, d).unwrap().join().unwrap();
+        sets.push(s);
+        gets.push(g);
+    }
+    let (sets, gets) = (median(sets), median(gets));
     println!(
-        "manager_dict from a child: set {sets:.0} ops/s, get {gets:.0} ops/s (Python 11.6 k / 12.5 k, target >= 116 k / 125 k)"
+        "manager_dict from a child: set {sets:.0} ops/s, get {gets:.0} ops/s \
+         (Python 11.6 k / 12.5 k, target >= 116 k / 125 k)"
     );
 }

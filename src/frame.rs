@@ -149,6 +149,8 @@ pub(crate) struct SockSource<'a> {
     pub(crate) fd: BorrowedFd<'a>,
     pub(crate) deadline: Option<std::time::Instant>,
     pub(crate) spin: std::time::Duration,
+    /// Set when a spin ran out without data (the caller backs off spinning).
+    pub(crate) spun_out: bool,
 }
 
 impl Source for SockSource<'_> {
@@ -159,6 +161,7 @@ impl Source for SockSource<'_> {
             let t0 = std::time::Instant::now();
             while !platform::poll_read(self.fd, Some(std::time::Duration::ZERO))? {
                 if t0.elapsed() >= self.spin {
+                    self.spun_out = true;
                     break;
                 }
                 std::hint::spin_loop();

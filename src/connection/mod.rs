@@ -60,6 +60,9 @@ const COPY_MAX: usize = 64 * 1024;
 /// `net.core.wmem_max`; the default is about 208 KiB).
 const PIPE_SNDBUF: usize = 1 << 20;
 
+/// Receives that skip spinning after a spin that ran out (see `RawConn::read`).
+const SPIN_BACKOFF: u32 = 64;
+
 /// The untyped core of a connection: a stream socket, a receive buffer and a reusable send
 /// buffer.
 pub(crate) struct RawConn {
@@ -75,6 +78,8 @@ pub(crate) struct RawConn {
     broken: Option<String>,
     /// How long a receive busy-waits before it sleeps (zero: never).
     spin: Duration,
+    /// Receives left that skip the spin, after one whose spin ran out.
+    spin_skip: u32,
 }
 
 impl RawConn {
@@ -89,6 +94,7 @@ impl RawConn {
             wbuf: Vec::new(),
             broken: None,
             spin: Duration::ZERO,
+            spin_skip: 0,
         }
     }
 
@@ -170,34 +176,52 @@ impl RawConn {
         deadline: Option<Instant>,
         f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R>,
     ) -> Result<R> {
+        let got = self.read(deadline, |r, src, max| {
+            Ok(match r.next(src, max)? {
+                Frame::Buffered(b, fds) => f(b, fds),
+                Frame::Owned(b, fds) => f(&b, fds),
+            })
+        })?;
+        got
+    }
+
+    /// Runs `f` on the reader and a source for this socket. Spinning adapts: when a spin runs
+    /// out with nothing to read (the peer is slow, or shares our CPU, where spinning only
+    /// delays it), the next [`SPIN_BACKOFF`] receives sleep at once.
+    fn read<R>(
+        &mut self,
+        deadline: Option<Instant>,
+        f: impl FnOnce(&mut FrameReader, &mut SockSource<'_>, u64) -> Result<R>,
+    ) -> Result<R> {
         self.check_read()?;
+        let spin = if self.spin_skip > 0 {
+            self.spin_skip -= 1;
+            Duration::ZERO
+        } else {
+            self.spin
+        };
         let fd = self.fd.as_ref().ok_or(Error::Closed)?.as_fd();
         let mut src = SockSource {
             fd,
             deadline,
-            spin: self.spin,
+            spin,
+            spun_out: false,
         };
-        match self.reader.next(&mut src, self.max_frame) {
-            Ok(Frame::Buffered(b, fds)) => f(b, fds),
-            Ok(Frame::Owned(b, fds)) => f(&b, fds),
-            Err(e) => Err(self.note_error(e)),
+        let r = f(&mut self.reader, &mut src, self.max_frame);
+        if src.spun_out {
+            self.spin_skip = SPIN_BACKOFF;
         }
+        r.map_err(|e| self.note_error(e))
     }
 
     /// Receives one frame as an owned vector (moved, not copied, when it is large).
     fn recv_vec(&mut self) -> Result<Vec<u8>> {
-        self.check_read()?;
-        let fd = self.fd.as_ref().ok_or(Error::Closed)?.as_fd();
-        let mut src = SockSource {
-            fd,
-            deadline: None,
-            spin: self.spin,
-        };
-        match self.reader.next(&mut src, self.max_frame) {
-            Ok(Frame::Buffered(b, _)) => Ok(b.to_vec()),
-            Ok(Frame::Owned(b, _)) => Ok(b),
-            Err(e) => Err(self.note_error(e)),
-        }
+        self.read(None, |r, src, max| {
+            Ok(match r.next(src, max)? {
+                Frame::Buffered(b, _) => b.to_vec(),
+                Frame::Owned(b, _) => b,
+            })
+        })
     }
 
     /// Marks the stream out of step after a framing or I/O error.
@@ -212,31 +236,17 @@ impl RawConn {
     }
 
     fn recv_bytes_into(&mut self, out: &mut [u8]) -> Result<usize> {
-        self.check_read()?;
-        let fd = self.fd.as_ref().ok_or(Error::Closed)?.as_fd();
-        let mut src = SockSource {
-            fd,
-            deadline: None,
-            spin: self.spin,
-        };
-        let r = self
-            .reader
-            .peek_header(&mut src, self.max_frame)
-            .and_then(|(len, _)| {
-                if len > out.len() {
-                    return Err(Error::arg(format!(
-                        "buffer of {} bytes is too small for the next message ({len} bytes); \
-                         the message was left in place",
-                        out.len()
-                    )));
-                }
-                self.reader.next_into(&mut src, self.max_frame, out)
-            });
-        if let Err(e @ (Error::MalformedFrame(_) | Error::FrameTooLarge { .. } | Error::Io(_))) = &r
-        {
-            self.broken = Some(e.to_string());
-        }
-        r
+        self.read(None, |r, src, max| {
+            let (len, _) = r.peek_header(src, max)?;
+            if len > out.len() {
+                return Err(Error::arg(format!(
+                    "buffer of {} bytes is too small for the next message ({len} bytes); \
+                     the message was left in place",
+                    out.len()
+                )));
+            }
+            r.next_into(src, max, out)
+        })
     }
 
     pub(crate) fn poll(&self, timeout: Option<Duration>) -> Result<bool> {

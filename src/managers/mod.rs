@@ -63,9 +63,10 @@ pub(crate) type ObjectId = u64;
 
 /// How long a manager's connection thread busy-waits for the next request before sleeping,
 /// and a proxy for its reply: request-reply traffic is much faster when neither side has to
-/// wake a sleeping CPU.
-pub(crate) const SERVER_SPIN: Duration = Duration::from_micros(50);
-const CLIENT_SPIN: Duration = Duration::from_micros(50);
+/// wake a sleeping CPU. Spinning backs off by itself when it does not pay (see
+/// `RawConn::read`).
+pub(crate) const SERVER_SPIN: Duration = Duration::from_micros(30);
+const CLIENT_SPIN: Duration = Duration::from_micros(30);
 
 /// Idle connections kept per manager per process.
 const POOL_KEEP: usize = 16;
