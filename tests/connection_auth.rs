@@ -200,3 +200,50 @@ fn many_simultaneous_connections() {
     got.sort();
     assert_eq!(got, (0..n).map(|i| i * 10).collect::<Vec<_>>());
 }
+
+fn accept_in_child(l: Listener) -> String {
+    let mut c = l.accept::<String>().unwrap();
+    let s = c.recv().unwrap();
+    c.send(&format!("child got {s}")).unwrap();
+    s
+}
+
+#[test]
+fn a_listener_can_be_handed_to_a_child() {
+    let l = Listener::bind(Address::unique_abstract().unwrap(), KEY).unwrap();
+    let addr = l.address().clone();
+    let h = multiproc::spawn(accept_in_child, l).unwrap();
+    let mut c = Client::connect::<String>(&addr, KEY).unwrap();
+    c.send(&"x".into()).unwrap();
+    assert_eq!(c.recv_timeout(T).unwrap(), "child got x");
+    assert_eq!(h.join().unwrap(), "x");
+}
+
+#[test]
+fn handles_cannot_travel_over_tcp() {
+    let l = tcp_listener();
+    let addr = l.address().clone();
+    let t = std::thread::spawn(move || {
+        let mut c = Client::connect::<multiproc::Connection<u8>>(&addr, KEY).unwrap();
+        let (a, _b) = multiproc::Pipe::<u8>::new(true).unwrap();
+        c.send(&a)
+    });
+    let _conn = l.accept::<u8>().unwrap();
+    assert!(matches!(t.join().unwrap(), Err(Error::Encode(_))));
+}
+
+#[test]
+fn wait_sees_a_pending_client() {
+    use multiproc::connection::{Waitable, wait};
+    let l = tcp_listener();
+    assert!(
+        wait(&[&l as &dyn Waitable], Some(Duration::from_millis(10)))
+            .unwrap()
+            .is_empty()
+    );
+    let addr = l.address().clone();
+    let t = std::thread::spawn(move || Client::connect::<u8>(&addr, KEY).map(|_| ()));
+    assert_eq!(wait(&[&l as &dyn Waitable], Some(T)).unwrap(), vec![0]);
+    l.accept::<u8>().unwrap();
+    t.join().unwrap().unwrap();
+}

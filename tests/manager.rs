@@ -365,3 +365,52 @@ fn barrier_and_event_across_processes() {
     idx.sort();
     assert_eq!(idx, vec![0, 1, 2]);
 }
+
+#[test]
+fn barrier_reset_breaks_current_waiters() {
+    let m = Manager::start().unwrap();
+    let b = m.barrier(2).unwrap();
+    let b2 = b.clone();
+    let waiter = std::thread::spawn(move || b2.wait_timeout(T));
+    let t0 = Instant::now();
+    while b.n_waiting().unwrap() == 0 {
+        assert!(t0.elapsed() < T, "the waiter never arrived");
+    }
+    b.reset().unwrap();
+    assert!(matches!(waiter.join().unwrap(), Err(Error::BrokenBarrier)));
+    assert!(!b.broken().unwrap());
+    // Usable again after the reset.
+    let b3 = b.clone();
+    let other = std::thread::spawn(move || b3.wait_timeout(T));
+    let mine = b.wait_timeout(T).unwrap();
+    assert_eq!(mine + other.join().unwrap().unwrap(), 1);
+}
+
+#[test]
+fn a_stalled_client_does_not_block_the_manager() {
+    use std::io::Read;
+    let l = multiproc::connection::Listener::bind("127.0.0.1:0", b"k").unwrap();
+    let addr = l.address().to_string();
+    let server = std::thread::spawn(move || Manager::serve_listener(l, |_| {}));
+    // Connects and never answers the challenge.
+    let mut stalled = std::net::TcpStream::connect(addr.as_str()).unwrap();
+    let mut garbage = std::net::TcpStream::connect(addr.as_str()).unwrap();
+    std::io::Write::write_all(&mut garbage, &[0xff; 64]).unwrap();
+    let t0 = Instant::now();
+    let mut m = Manager::connect(addr.as_str(), b"k").unwrap();
+    let d = m.dict::<u8, u8>().unwrap();
+    d.set(&1, &2).unwrap();
+    assert_eq!(d.get(&1).unwrap(), Some(2));
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "served while others stall"
+    );
+    m.shutdown().unwrap();
+    server.join().unwrap().unwrap();
+    // The server closed the stalled socket at shutdown, well before its handshake timeout.
+    stalled.set_read_timeout(Some(T)).unwrap();
+    let mut sink = Vec::new();
+    let t1 = Instant::now();
+    let _ = stalled.read_to_end(&mut sink);
+    assert!(t1.elapsed() < Duration::from_secs(5));
+}

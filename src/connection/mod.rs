@@ -176,13 +176,12 @@ impl RawConn {
         deadline: Option<Instant>,
         f: impl FnOnce(&[u8], Vec<OwnedFd>) -> Result<R>,
     ) -> Result<R> {
-        let got = self.read(deadline, |r, src, max| {
+        self.read(deadline, |r, src, max| {
             Ok(match r.next(src, max)? {
                 Frame::Buffered(b, fds) => f(b, fds),
                 Frame::Owned(b, fds) => f(&b, fds),
             })
-        })?;
-        got
+        })?
     }
 
     /// Runs `f` on the reader and a source for this socket. Spinning adapts: when a spin runs

@@ -454,7 +454,10 @@ pub(crate) struct Barrier {
 #[derive(Default)]
 struct BState {
     waiting: usize,
+    /// Bumped each time the barrier fills: waiters of the old generation pass.
     generation: u64,
+    /// Bumped by `reset`: waiters from before it fail with a broken barrier.
+    resets: u64,
     broken: bool,
 }
 
@@ -491,21 +494,25 @@ impl Object for Barrier {
                     return reply(&index);
                 }
                 let gen_ = g.generation;
+                let resets = g.resets;
                 let r = ctx.wait_until(&self.cv, g, deadline(t), |s| {
-                    s.generation != gen_ || s.broken
+                    s.generation != gen_ || s.broken || s.resets != resets
                 });
                 let (mut g, ok) = match r {
                     Ok(x) => x,
                     Err(e) => {
                         // Our client left: the barrier can no longer fill.
                         let mut g = lock(&self.state);
-                        if g.generation == gen_ {
+                        if g.generation == gen_ && g.resets == resets {
                             g.broken = true;
                             self.cv.notify_all();
                         }
                         return Err(e);
                     }
                 };
+                if g.resets != resets {
+                    return Err(RemoteError::BrokenBarrier);
+                }
                 if g.generation != gen_ {
                     return reply(&index);
                 }
@@ -522,10 +529,7 @@ impl Object for Barrier {
                 reply(&())
             }
             "reset" => {
-                if g.waiting > 0 {
-                    g.broken = true;
-                    g.generation += 1;
-                }
+                g.resets += 1;
                 g.waiting = 0;
                 g.broken = false;
                 self.cv.notify_all();
@@ -623,16 +627,22 @@ impl Server {
     }
 
     fn handle(self: Arc<Server>, mut raw: RawConn, l: &Listener, exit_process: bool) {
-        let deadline = Instant::now() + l.handshake_timeout();
-        if let Err(e) = auth::server_handshake(&mut raw, l.authkey(), deadline) {
-            tracing::debug!("manager: refused a client: {e}");
-            return;
-        }
+        // Registered before the handshake, so that a shutdown also ends handshakes in progress.
         let conn_id = self.next_conn.fetch_add(1, Ordering::Relaxed);
         if let Ok(fd) = raw.fileno() {
             if let Ok(dup) = fd.try_clone_to_owned() {
                 lock(&self.live).insert(conn_id, dup);
             }
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            lock(&self.live).remove(&conn_id);
+            return;
+        }
+        let deadline = Instant::now() + l.handshake_timeout();
+        if let Err(e) = auth::server_handshake(&mut raw, l.authkey(), deadline) {
+            tracing::debug!("manager: refused a client: {e}");
+            lock(&self.live).remove(&conn_id);
+            return;
         }
         raw.set_spin(SERVER_SPIN);
         let mut shutdown = false;
