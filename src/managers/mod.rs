@@ -7,7 +7,7 @@
 //! [`value`](Manager::value), [`event`](Manager::event), [`barrier`](Manager::barrier), and
 //! [`create`](Manager::create) for registered user types) make objects in the server and return
 //! proxies. A proxy is plain data (the server's address, the key, the object's id): it can be
-//! cloned, passed to a [`Process`](crate::Process) or a pool task as an argument, and used from
+//! cloned, passed to a [`Process`] or a pool task as an argument, and used from
 //! any thread; each process keeps a small pool of authenticated connections per manager.
 //!
 //! [`Manager::serve`] runs a server in the calling process for other programs, which reach it
