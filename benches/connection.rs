@@ -124,6 +124,11 @@ fn main() {
     if only.is_empty() || only == "pipe" {
         pipe_rows();
     }
+    if only == "small" {
+        let small = median((0..3).map(|_| run(NS, 8)).collect());
+        let raw_small = median((0..3).map(|_| raw(NS, 8)).collect());
+        println!("pipe_small {small:.0} msgs/s, raw {raw_small:.0} msgs/s");
+    }
     if only.is_empty() || only == "manager" {
         manager_row();
     }

@@ -627,3 +627,10 @@ pub fn fuzz_frame_decoder(data: &[u8], chunk: usize, max: u64) -> Vec<Vec<u8>> {
     }
     out
 }
+
+impl crate::context::Context {
+    /// [`Pipe::new`] (Python's `ctx.Pipe()`; a pipe does not depend on the start method).
+    pub fn pipe<T>(&self, duplex: bool) -> Result<(Connection<T>, Connection<T>)> {
+        Pipe::new(duplex)
+    }
+}

@@ -621,3 +621,18 @@ fn _assert_send_sync() {
     ok::<Manager>();
     ok::<DictProxy<String, String>>();
 }
+
+impl Context {
+    /// A [`Manager`] whose server process is started with this context's method (Python's
+    /// `ctx.Manager()`).
+    ///
+    /// ```
+    /// use multiproc::{StartMethod, get_context};
+    /// let m = get_context(StartMethod::Spawn).manager().unwrap();
+    /// let v = m.value(&7u8).unwrap();
+    /// assert_eq!(v.get().unwrap(), 7);
+    /// ```
+    pub fn manager(&self) -> Result<Manager> {
+        Manager::start_in(*self, no_types)
+    }
+}
