@@ -414,3 +414,22 @@ fn a_stalled_client_does_not_block_the_manager() {
     let _ = stalled.read_to_end(&mut sink);
     assert!(t1.elapsed() < Duration::from_secs(5));
 }
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn managers_started_and_dropped_leak_no_descriptors() {
+    // Warm up once (the fork server, lazily opened descriptors).
+    drop(Manager::start().unwrap());
+    let before = open_fds();
+    for i in 0..10u8 {
+        let m = Manager::start().unwrap();
+        let d = m.dict::<u8, u8>().unwrap();
+        d.set(&i, &i).unwrap();
+        let l = m.lock().unwrap();
+        drop(l.acquire().unwrap());
+    }
+    assert_eq!(open_fds(), before);
+}

@@ -216,11 +216,9 @@ fn take_conn(ep: &Endpoint) -> Result<Connection<()>> {
             idle: HashMap::new(),
         });
         if p.pid != pid {
-            // Inherited through fork: forget (do not close: the descriptors are the parent's
-            // sockets too, and closing our copies is harmless but sending on them is not).
-            for (_, v) in p.idle.drain() {
-                std::mem::forget(v);
-            }
+            // Inherited through fork: these sockets are the parent's too, so using them would
+            // mix two processes' requests. Closing our copies is harmless to the parent.
+            p.idle.clear();
             p.pid = pid;
         }
         if let Some(c) = p.idle.get_mut(ep).and_then(Vec::pop) {
@@ -230,6 +228,16 @@ fn take_conn(ep: &Endpoint) -> Result<Connection<()>> {
     let mut c = connection::Client::connect::<()>(&ep.address, &ep.authkey)?;
     c.set_spin(CLIENT_SPIN);
     Ok(c)
+}
+
+/// Drops this process's idle connections to `ep` (its server is going away).
+fn forget_endpoint(ep: &Endpoint) {
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = g.as_mut() {
+        if p.pid == std::process::id() {
+            p.idle.remove(ep);
+        }
+    }
 }
 
 fn give_back(ep: &Endpoint, c: Connection<()>) {
@@ -511,6 +519,7 @@ impl Manager {
     /// blocked in a call get an error at once.
     pub fn shutdown(&mut self) -> Result<()> {
         let r = call::<_, ()>(&self.ep, 0, "shutdown", &());
+        forget_endpoint(&self.ep);
         let server = self
             .server
             .get_mut()
