@@ -45,6 +45,30 @@ fn run(n: usize, size: usize) -> f64 {
     n as f64 / dt
 }
 
+fn typed_producer((mut c, n): (Connection<Option<Vec<u8>>>, usize)) {
+    let payload = Some(vec![b'x'; 1 << 20]);
+    for _ in 0..n {
+        c.send(&payload).unwrap();
+    }
+    c.send(&None).unwrap();
+}
+
+/// `send`/`recv` of a 1 MiB `Vec<u8>` value (serde encodes it item by item, unlike
+/// `send_bytes`).
+fn typed_large(n: usize) -> f64 {
+    let (mut rx, tx) = Pipe::<Option<Vec<u8>>>::new(false).unwrap();
+    let t = Instant::now();
+    let h = multiproc::spawn(typed_producer, (tx, n)).unwrap();
+    let mut cnt = 0;
+    while rx.recv().unwrap().is_some() {
+        cnt += 1;
+    }
+    let dt = t.elapsed().as_secs_f64();
+    h.join().unwrap();
+    assert_eq!(cnt, n);
+    n as f64 * (1u64 << 20) as f64 / 1e9 / dt
+}
+
 fn echo(mut c: Connection<u64>) {
     while let Ok(v) = c.recv() {
         if c.send(&v).is_err() {
@@ -123,6 +147,9 @@ fn main() {
     let only = std::env::var("MP_ONLY").unwrap_or_default();
     if only.is_empty() || only == "pipe" {
         pipe_rows();
+    }
+    if only == "typed" {
+        println!("pipe typed 1 MiB Vec<u8>: {:.2} GB/s", typed_large(500));
     }
     if only == "small" {
         let small = median((0..3).map(|_| run(NS, 8)).collect());
