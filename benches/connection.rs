@@ -137,6 +137,36 @@ fn dict_child(d: DictProxy<u64, u64>) -> (f64, f64) {
     )
 }
 
+fn raw_echo(c: Connection<u64>) {
+    let mut s = UnixStream::from(c.fileno().unwrap().try_clone_to_owned().unwrap());
+    drop(c);
+    let mut b = [0u8; 8];
+    while s.read_exact(&mut b).is_ok() {
+        if s.write_all(&b).is_err() {
+            break;
+        }
+    }
+}
+
+/// Bare ping-pong: 8 bytes each way with `write`/`read`.
+fn raw_rtt() -> f64 {
+    let (a, b) = Pipe::<u64>::new(true).unwrap();
+    let mut s = UnixStream::from(a.fileno().unwrap().try_clone_to_owned().unwrap());
+    drop(a);
+    let h = multiproc::spawn(raw_echo, b).unwrap();
+    let n = 20_000u64;
+    let t = Instant::now();
+    let mut buf = [0u8; 8];
+    for i in 0..n {
+        s.write_all(&i.to_le_bytes()).unwrap();
+        s.read_exact(&mut buf).unwrap();
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    drop(s);
+    let _ = h.join();
+    us
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -147,6 +177,11 @@ fn main() {
     let only = std::env::var("MP_ONLY").unwrap_or_default();
     if only.is_empty() || only == "pipe" {
         pipe_rows();
+    }
+    if only == "rtt" {
+        for _ in 0..3 {
+            println!("pipe_rtt {:.1} us, raw {:.1} us", rtt(), raw_rtt());
+        }
     }
     if only == "typed" {
         println!("pipe typed 1 MiB Vec<u8>: {:.2} GB/s", typed_large(500));
@@ -165,6 +200,7 @@ fn pipe_rows() {
     let small = median((0..3).map(|_| run(NS, 8)).collect());
     let large = median((0..3).map(|_| run(NB, 1 << 20)).collect());
     let rt = median((0..3).map(|_| rtt()).collect());
+    let raw_rt = median((0..3).map(|_| raw_rtt()).collect());
     let raw_small = median((0..3).map(|_| raw(NS, 8)).collect());
     let raw_large = median((0..3).map(|_| raw(NB, 1 << 20)).collect());
     println!("pipe_small  {small:>12.0} msgs/s   (Python 256 k, target >= 1.28 M)");
@@ -172,7 +208,7 @@ fn pipe_rows() {
         "pipe_large  {:>12.2} GB/s     (Python 0.49, target >= 2.45)",
         large * (1u64 << 20) as f64 / 1e9
     );
-    println!("pipe_rtt    {rt:>12.1} us");
+    println!("pipe_rtt    {rt:>12.1} us       (raw ping-pong, same run: {raw_rt:.1} us)");
     println!(
         "raw socket pair, same run: 8 B {raw_small:.0} msgs/s, 1 MiB {:.2} GB/s",
         raw_large * (1u64 << 20) as f64 / 1e9
