@@ -142,6 +142,10 @@ pub(crate) trait Source {
     /// with them to `fds`. `deadline_ok` says whether the read may give up at the source's
     /// deadline (with [`Error::Timeout`]); when false it blocks until bytes come.
     fn recv(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>, deadline_ok: bool) -> Result<usize>;
+
+    /// Reads up to `max` bytes of a frame's body, appending them to `out` (0 at end of
+    /// stream). Blocks until bytes come (no deadline: the frame has begun).
+    fn recv_append(&mut self, out: &mut Vec<u8>, max: usize) -> Result<usize>;
 }
 
 /// A socket as a [`Source`], with an optional deadline and an optional spin before blocking.
@@ -175,6 +179,10 @@ impl Source for SockSource<'_> {
         }
         platform::recv_with_fds(self.fd, buf, fds).map_err(map_read_err)
     }
+
+    fn recv_append(&mut self, out: &mut Vec<u8>, max: usize) -> Result<usize> {
+        platform::recv_append(self.fd, out, max).map_err(map_read_err)
+    }
 }
 
 /// A byte slice as a [`Source`] (for tests and the fuzz target): it delivers at most `chunk`
@@ -188,6 +196,13 @@ impl Source for SliceSource<'_> {
     fn recv(&mut self, buf: &mut [u8], _fds: &mut Vec<OwnedFd>, _: bool) -> Result<usize> {
         let n = buf.len().min(self.data.len()).min(self.chunk.max(1));
         buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+
+    fn recv_append(&mut self, out: &mut Vec<u8>, max: usize) -> Result<usize> {
+        let n = max.min(self.data.len()).min(self.chunk.max(1));
+        out.extend_from_slice(&self.data[..n]);
         self.data = &self.data[n..];
         Ok(n)
     }
@@ -310,24 +325,16 @@ impl FrameReader {
         out.extend_from_slice(&self.buf[self.start..self.start + have]);
         self.start += have;
         while out.len() < len {
+            // Grow by at most GROW_STEP (or doubling) at a time: memory follows the bytes that
+            // really arrive, not the length announced.
             let old = out.len();
             let step = (len - old).min(GROW_STEP.max(old));
-            out.resize(old + step, 0);
-            let mut got = old;
-            while got < old + step {
-                let mut stray = Vec::new();
-                let n = src.recv(&mut out[got..old + step], &mut stray, false)?;
-                if n == 0 {
-                    return Err(Error::MalformedFrame(
-                        "stream ended inside a frame payload".into(),
-                    ));
-                }
-                if !stray.is_empty() {
-                    return Err(Error::MalformedFrame(
-                        "descriptors arrived inside a frame payload".into(),
-                    ));
-                }
-                got += n;
+            out.reserve_exact(step);
+            let n = src.recv_append(&mut out, step)?;
+            if n == 0 {
+                return Err(Error::MalformedFrame(
+                    "stream ended inside a frame payload".into(),
+                ));
             }
         }
         Ok(Frame::Owned(out, fds))
