@@ -433,3 +433,39 @@ fn managers_started_and_dropped_leak_no_descriptors() {
     }
     assert_eq!(open_fds(), before);
 }
+
+fn serving_process(mut report: multiproc::Connection<String>) {
+    let l = multiproc::connection::Listener::bind("127.0.0.1:0", b"abracadabra").unwrap();
+    report.send(&l.address().to_string()).unwrap();
+    Manager::serve_listener(l, |_| {}).unwrap();
+}
+
+fn putter(addr: String) {
+    let m = Manager::connect(addr.as_str(), b"abracadabra").unwrap();
+    let q = m.named("get_queue").queue::<String>(0).unwrap();
+    q.put(&"hello".into()).unwrap();
+}
+
+fn getter(addr: String) -> String {
+    let m = Manager::connect(addr.as_str(), b"abracadabra").unwrap();
+    let q = m.named("get_queue").queue::<String>(0).unwrap();
+    q.get_timeout(T).unwrap()
+}
+
+#[test]
+fn remote_queue_pattern_between_three_processes() {
+    // Python's documented pattern: one process serves a queue, one puts, one gets, all over
+    // loopback TCP with a shared key.
+    let (mut rx, tx) = multiproc::Pipe::<String>::new(true).unwrap();
+    let server = multiproc::spawn(serving_process, tx).unwrap();
+    let addr = rx.recv_timeout(T).unwrap();
+    let g = multiproc::spawn(getter, addr.clone()).unwrap();
+    multiproc::spawn(putter, addr.clone())
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(g.join().unwrap(), "hello");
+    let mut m = Manager::connect(addr.as_str(), b"abracadabra").unwrap();
+    m.shutdown().unwrap();
+    server.join_timeout(T).unwrap();
+}
