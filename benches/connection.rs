@@ -183,6 +183,36 @@ fn main() {
             println!("pipe_rtt {:.1} us, raw {:.1} us", rtt(), raw_rtt());
         }
     }
+    if only == "codec" {
+        let v = vec![b'x'; 1 << 20];
+        let n = 200;
+        let t = Instant::now();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.clear();
+            postcard::to_io(&v, &mut out).unwrap();
+        }
+        let io = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..n {
+            out.clear();
+            out = postcard::to_extend(&v, out).unwrap();
+        }
+        let ext = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..n {
+            let back: Vec<u8> = postcard::from_bytes(&out).unwrap();
+            assert_eq!(back.len(), v.len());
+        }
+        let de = t.elapsed().as_secs_f64();
+        let gb = |s: f64| n as f64 * (1u64 << 20) as f64 / 1e9 / s;
+        println!(
+            "postcard Vec<u8> 1 MiB: to_io {:.2} GB/s, to_extend {:.2} GB/s, from_bytes {:.2} GB/s",
+            gb(io),
+            gb(ext),
+            gb(de)
+        );
+    }
     if only == "typed" {
         println!("pipe typed 1 MiB Vec<u8>: {:.2} GB/s", typed_large(500));
     }
