@@ -300,6 +300,7 @@ impl SharedObject for Accumulator {
                 reply(&self.items.len())
             }
             "joined" => reply(&self.items.join(",")),
+            "boom" => panic!("boom in the server"),
             _ => Err(Error::Remote(format!("no method {method}"))),
         }
     }
@@ -342,6 +343,12 @@ fn user_types_are_served_and_callable_from_children() {
             Err(Error::Remote(_))
         ));
         assert!(matches!(m.create("Unknown", &()), Err(Error::Remote(_))));
+        match acc.call::<_, ()>("boom", &()) {
+            Err(Error::Remote(msg)) => assert!(msg.contains("boom in the server"), "{msg}"),
+            other => panic!("{other:?}"),
+        }
+        // The object and the server survive a panicking method.
+        assert_eq!(acc.call::<_, usize>("push", "after").unwrap(), 4);
     }
 }
 

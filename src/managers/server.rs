@@ -548,7 +548,20 @@ pub(crate) struct UserObject(pub(crate) Mutex<Box<dyn SharedObject>>);
 
 impl Object for UserObject {
     fn call(&self, m: &str, b: &[u8], _: &CallCtx<'_>) -> std::result::Result<Bytes, RemoteError> {
-        lock(&self.0).call(m, b).map_err(RemoteError::from)
+        // A panicking user method fails that call, not the server (the object stays usable:
+        // its mutex's poison is ignored, as the method left it).
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lock(&self.0).call(m, b)));
+        match r {
+            Ok(r) => r.map_err(RemoteError::from),
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                Err(RemoteError::Other(format!("method {m:?} panicked: {msg}")))
+            }
+        }
     }
 }
 
