@@ -29,12 +29,14 @@
 #[doc(hidden)]
 pub mod bench_support;
 mod codec;
+pub mod connection;
 pub mod context;
 pub mod dummy;
 pub mod error;
 mod frame;
 mod function;
 mod heap;
+pub mod managers;
 mod platform;
 pub mod pool;
 pub mod process;
@@ -44,6 +46,7 @@ pub mod sharedctypes;
 mod start;
 pub mod synchronize;
 
+pub use connection::{Connection, Pipe};
 pub use context::{
     Context, StartMethod, get_all_start_methods, get_context, get_start_method, set_start_method,
 };

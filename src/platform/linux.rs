@@ -1226,3 +1226,49 @@ pub(crate) fn close_raw(fd: RawFd) {
     // SAFETY: the caller names a descriptor this process has a copy of and never uses again.
     unsafe { libc::close(fd) };
 }
+// Socket options (connections)
+// ---------------------------------------------------------------------------------------------
+
+/// Asks for a send buffer of `bytes` on a socket (the kernel caps it at
+/// `net.core.wmem_max` and doubles it for its bookkeeping). Best effort: large messages cross a
+/// Unix stream socket in fewer, larger steps with a larger buffer.
+pub(crate) fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> Result<()> {
+    let v: libc::c_int = bytes.min(libc::c_int::MAX as usize) as libc::c_int;
+    // SAFETY: setsockopt reads exactly size_of::<c_int>() bytes from &v, which lives across the
+    // call.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Receives up to `max` bytes from a socket (or reads from another descriptor), appending them
+/// to `out` without zero-filling its spare capacity first. Returns the byte count (0 at end of
+/// file). Ancillary data (descriptors) is not collected: this is for the body of a frame, whose
+/// sender attaches none.
+pub(crate) fn recv_append(fd: BorrowedFd<'_>, out: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+    out.reserve(max);
+    let spare = out.spare_capacity_mut();
+    let want = max.min(spare.len());
+    let ptr = spare.as_mut_ptr().cast::<libc::c_void>();
+    let n = retry(|| {
+        // SAFETY: `ptr` points to `want` bytes of spare capacity owned by `out`, writable and
+        // not aliased during the call; the kernel writes at most `want` bytes there.
+        let r = unsafe { libc::recv(fd.as_raw_fd(), ptr, want, 0) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSOCK) {
+            // SAFETY: as above, for read(2).
+            let r = unsafe { libc::read(fd.as_raw_fd(), ptr, want) };
+            return cvt_long(r as libc::c_long).map(|n| n as usize);
+        }
+        cvt_long(r as libc::c_long).map(|n| n as usize)
+    })?;
+    // SAFETY: the kernel initialised the first `n <= want` bytes of the spare capacity.
+    unsafe { out.set_len(out.len() + n) };
+    Ok(n)
+}

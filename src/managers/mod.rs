@@ -1,0 +1,647 @@
+//! Managers (Python's `multiprocessing.managers`): a server process that holds shared objects,
+//! and proxies that call their methods from any process.
+//!
+//! [`Manager::start`] starts the server as a child process and returns a handle whose
+//! constructors ([`dict`](Manager::dict), [`list`](Manager::list),
+//! [`namespace`](Manager::namespace), [`queue`](Manager::queue), [`lock`](Manager::lock),
+//! [`value`](Manager::value), [`event`](Manager::event), [`barrier`](Manager::barrier), and
+//! [`create`](Manager::create) for registered user types) make objects in the server and return
+//! proxies. A proxy is plain data (the server's address, the key, the object's id): it can be
+//! cloned, passed to a [`Process`] or a pool task as an argument, and used from
+//! any thread; each process keeps a small pool of authenticated connections per manager.
+//!
+//! [`Manager::serve`] runs a server in the calling process for other programs, which reach it
+//! with [`Manager::connect`] (the address and key are all they need), and share objects by
+//! name with [`Manager::named`].
+//!
+//! Failure: if the manager process dies, every proxy call fails ([`Error::Eof`] or
+//! [`Error::Io`] for a refused connection), never hangs. A client that dies while holding a
+//! manager [`LockProxy`] does not deadlock the others: the server releases locks held by a
+//! connection that closes. Values live in the server as their `serde` bytes: the server never
+//! needs the user's types, and dictionary keys compare by their serialized form (equal values
+//! serialize equally for all usual key types: integers, strings, tuples, derived structs).
+//! Objects live until [`Manager::release`] or the manager's shutdown (proxies do not count
+//! references, unlike Python's).
+//!
+//! ```
+//! use multiproc::managers::{DictProxy, Manager};
+//! fn fill((d, i): (DictProxy<u32, String>, u32)) {
+//!     d.set(&i, &format!("from child {i}")).unwrap();
+//! }
+//! let m = Manager::start().unwrap();
+//! let d = m.dict::<u32, String>().unwrap();
+//! let kids: Vec<_> = (0..3).map(|i| multiproc::spawn(fill, (d.clone(), i)).unwrap()).collect();
+//! for k in kids {
+//!     k.join().unwrap();
+//! }
+//! assert_eq!(d.len().unwrap(), 3);
+//! assert_eq!(d.get(&2).unwrap().unwrap(), "from child 2");
+//! ```
+
+mod proxies;
+mod server;
+
+pub use proxies::{
+    BarrierProxy, DictProxy, EventProxy, ListProxy, LockGuard, LockProxy, NamespaceProxy, Proxy,
+    QueueProxy, ValueProxy,
+};
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::connection::{self, Address, Connection, Listener, ToAddress, Waitable};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::process::Process;
+
+/// Identifies an object in a manager (0 is the manager itself).
+pub(crate) type ObjectId = u64;
+
+/// How long a manager's connection thread busy-waits for the next request before sleeping,
+/// and a proxy for its reply: request-reply traffic is much faster when neither side has to
+/// wake a sleeping CPU. Spinning backs off by itself when it does not pay (see
+/// `RawConn::read`).
+pub(crate) const SERVER_SPIN: Duration = Duration::from_micros(30);
+const CLIENT_SPIN: Duration = Duration::from_micros(30);
+
+/// Idle connections kept per manager per process.
+const POOL_KEEP: usize = 16;
+
+/// One method call.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Request<'a> {
+    pub(crate) obj: ObjectId,
+    pub(crate) method: &'a str,
+    pub(crate) args: &'a [u8],
+}
+
+/// A method's failure as it crosses the wire.
+#[derive(Serialize, Deserialize, Debug)]
+pub(crate) enum RemoteError {
+    Timeout,
+    Empty,
+    Full,
+    BrokenBarrier,
+    Index(String),
+    Other(String),
+}
+
+impl From<Error> for RemoteError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Timeout => RemoteError::Timeout,
+            Error::Empty => RemoteError::Empty,
+            Error::Full => RemoteError::Full,
+            Error::BrokenBarrier => RemoteError::BrokenBarrier,
+            Error::Remote(m) => RemoteError::Other(m),
+            other => RemoteError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<RemoteError> for Error {
+    fn from(e: RemoteError) -> Self {
+        match e {
+            RemoteError::Timeout => Error::Timeout,
+            RemoteError::Empty => Error::Empty,
+            RemoteError::Full => Error::Full,
+            RemoteError::BrokenBarrier => Error::BrokenBarrier,
+            RemoteError::Index(m) => Error::InvalidArgument(m),
+            RemoteError::Other(m) => Error::Remote(m),
+        }
+    }
+}
+
+pub(crate) type Reply = std::result::Result<Vec<u8>, RemoteError>;
+
+/// A type whose values a manager can hold for its clients (Python's `BaseManager.register`).
+///
+/// The server calls [`call`](Self::call) with the method name and the `serde`-encoded
+/// arguments the client sent; decode them with [`args`] and encode the result with [`reply`].
+/// Calls on one object are serialized (the object sits behind a mutex). Register the type with
+/// [`Registry::register`], make objects with [`Manager::create`] and call them through
+/// [`Proxy::call`] (or a typed wrapper of your own around a [`Proxy`]).
+///
+/// ```
+/// use multiproc::managers::{Manager, Registry, SharedObject, args, reply};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Counter {
+///     n: i64,
+/// }
+/// impl SharedObject for Counter {
+///     fn call(&mut self, method: &str, a: &[u8]) -> multiproc::Result<Vec<u8>> {
+///         match method {
+///             "add" => {
+///                 self.n += args::<i64>(a)?;
+///                 reply(&self.n)
+///             }
+///             _ => Err(multiproc::Error::Remote(format!("no method {method}"))),
+///         }
+///     }
+/// }
+/// fn types(r: &mut Registry) {
+///     r.register::<Counter>("Counter");
+/// }
+/// let m = Manager::start_with(types).unwrap();
+/// let c = m.create("Counter", &Counter { n: 10 }).unwrap();
+/// assert_eq!(c.call::<_, i64>("add", &5).unwrap(), 15);
+/// ```
+pub trait SharedObject: Send + 'static {
+    /// Runs `method` with the encoded arguments `args`; returns the encoded result.
+    fn call(&mut self, method: &str, args: &[u8]) -> Result<Vec<u8>>;
+}
+
+/// Decodes a [`SharedObject`] method's arguments.
+pub fn args<A: DeserializeOwned>(bytes: &[u8]) -> Result<A> {
+    postcard::from_bytes(bytes).map_err(|e| Error::Decode(e.to_string()))
+}
+
+/// Encodes a [`SharedObject`] method's result.
+pub fn reply<R: Serialize + ?Sized>(r: &R) -> Result<Vec<u8>> {
+    postcard::to_stdvec(r).map_err(|e| Error::Encode(e.to_string()))
+}
+
+type Factory = fn(&[u8]) -> Result<Box<dyn SharedObject>>;
+
+/// The user types a manager's server can make (see [`SharedObject`]).
+#[derive(Default)]
+pub struct Registry {
+    types: HashMap<String, Factory>,
+}
+
+impl Registry {
+    /// Registers `T` under `name`. [`Manager::create`] then sends an initial `T` value, which
+    /// becomes the object in the server.
+    pub fn register<T: SharedObject + DeserializeOwned>(&mut self, name: &str) -> &mut Self {
+        fn make<T: SharedObject + DeserializeOwned>(b: &[u8]) -> Result<Box<dyn SharedObject>> {
+            Ok(Box::new(args::<T>(b)?))
+        }
+        self.types.insert(name.to_string(), make::<T>);
+        self
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side: a per-process pool of authenticated connections, per manager
+// ---------------------------------------------------------------------------------------------
+
+/// Where a manager is and how to get in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub(crate) struct Endpoint {
+    pub(crate) address: Address,
+    pub(crate) authkey: Vec<u8>,
+}
+
+struct ConnPool {
+    /// The process the pooled connections belong to: a forked child must not share its
+    /// parent's sockets, so it starts an empty pool.
+    pid: u32,
+    idle: HashMap<Endpoint, Vec<Connection<()>>>,
+}
+
+static POOL: Mutex<Option<ConnPool>> = Mutex::new(None);
+
+fn take_conn(ep: &Endpoint) -> Result<Connection<()>> {
+    {
+        let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        let p = g.get_or_insert_with(|| ConnPool {
+            pid,
+            idle: HashMap::new(),
+        });
+        if p.pid != pid {
+            // Inherited through fork: these sockets are the parent's too, so using them would
+            // mix two processes' requests. Closing our copies is harmless to the parent.
+            p.idle.clear();
+            p.pid = pid;
+        }
+        if let Some(c) = p.idle.get_mut(ep).and_then(Vec::pop) {
+            return Ok(c);
+        }
+    }
+    let mut c = connection::Client::connect::<()>(&ep.address, &ep.authkey)?;
+    c.set_spin(CLIENT_SPIN);
+    Ok(c)
+}
+
+/// Drops this process's idle connections to `ep` (its server is going away).
+fn forget_endpoint(ep: &Endpoint) {
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = g.as_mut() {
+        if p.pid == std::process::id() {
+            p.idle.remove(ep);
+        }
+    }
+}
+
+fn give_back(ep: &Endpoint, c: Connection<()>) {
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = g.as_mut() {
+        if p.pid == std::process::id() {
+            let v = p.idle.entry(ep.clone()).or_default();
+            if v.len() < POOL_KEEP {
+                v.push(c);
+            }
+        }
+    }
+}
+
+/// Calls `method` on object `obj` of the manager at `ep`.
+pub(crate) fn call_raw(ep: &Endpoint, obj: ObjectId, method: &str, args: &[u8]) -> Result<Vec<u8>> {
+    let mut c = take_conn(ep)?;
+    let r = c
+        .raw_mut()
+        .send_with(|buf| {
+            postcard::to_io(&Request { obj, method, args }, &mut *buf)
+                .map_err(|e| Error::Encode(e.to_string()))?;
+            Ok(Vec::new())
+        })
+        .and_then(|()| {
+            c.raw_mut().recv_with(None, |b, _| {
+                postcard::from_bytes::<Reply>(b).map_err(|e| Error::Decode(e.to_string()))
+            })
+        });
+    match r {
+        Ok(rep) => {
+            give_back(ep, c);
+            rep.map_err(Error::from)
+        }
+        // A transport failure: the connection is dropped, not pooled.
+        Err(e) => Err(e),
+    }
+}
+
+/// Typed [`call_raw`].
+pub(crate) fn call<A: Serialize + ?Sized, R: DeserializeOwned>(
+    ep: &Endpoint,
+    obj: ObjectId,
+    method: &str,
+    a: &A,
+) -> Result<R> {
+    let bytes = call_raw(ep, obj, method, &reply(a)?)?;
+    args(&bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Manager
+// ---------------------------------------------------------------------------------------------
+
+/// A manager: a server holding shared objects, and the constructors of their proxies
+/// (Python's `multiprocessing.Manager()` / `BaseManager`). See the [module docs](self).
+///
+/// Dropping a manager made by [`start`](Self::start) shuts its server down (as Python's
+/// `with Manager() as m:` does); one made by [`connect`](Self::connect) only disconnects.
+pub struct Manager {
+    ep: Endpoint,
+    server: Mutex<Option<Process>>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("address", &self.ep.address)
+            .field("server_pid", &self.server_pid())
+            .finish()
+    }
+}
+
+fn no_types(_: &mut Registry) {}
+
+/// The manager server process's entry.
+fn server_main<F: Fn(&mut Registry) + Copy + Send + 'static>(
+    (address, authkey, mut ready): (Address, Vec<u8>, Connection<String>),
+) {
+    let mut reg = Registry::default();
+    crate::function::conjure::<F>()(&mut reg);
+    let listener = match Listener::bind(&address, &authkey) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(&format!("cannot listen on {address}: {e}"));
+            return;
+        }
+    };
+    let _ = ready.send(&String::new());
+    drop(ready);
+    let s = server::Server::new(reg, address);
+    let _ = s.serve(listener, true);
+}
+
+impl Manager {
+    /// Starts a manager server process (default start method) on a private address with a
+    /// random key, and connects to it.
+    pub fn start() -> Result<Manager> {
+        Self::start_in(Context::default(), no_types)
+    }
+
+    /// [`start`](Self::start) with user types: `types` (a `fn` item or a closure that captures
+    /// nothing) registers them in the server process.
+    pub fn start_with<F: Fn(&mut Registry) + Copy + Send + Sync + 'static>(
+        types: F,
+    ) -> Result<Manager> {
+        Self::start_in(Context::default(), types)
+    }
+
+    /// [`start_with`](Self::start_with) using a given context (start method).
+    pub fn start_in<F: Fn(&mut Registry) + Copy + Send + Sync + 'static>(
+        ctx: Context,
+        types: F,
+    ) -> Result<Manager> {
+        let _ = types;
+        let address = Address::unique_abstract()?;
+        let mut authkey = vec![0u8; 32];
+        getrandom::fill(&mut authkey)
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?;
+        let (mut ready, child_end) = crate::Pipe::<String>::new(true)?;
+        let mut p = Process::new(
+            server_main::<F>,
+            (address.clone(), authkey.clone(), child_end),
+        )
+        .name("multiproc-manager")
+        .daemon(true)
+        .context(ctx);
+        p.start()?;
+        let objs: [&dyn Waitable; 2] = [&ready, &p];
+        let up = connection::wait(&objs, Some(Duration::from_secs(60)))?;
+        if !up.contains(&0) {
+            let _ = p.kill();
+            let _ = p.join_timeout(Duration::from_secs(5));
+            return Err(Error::state("the manager process did not start"));
+        }
+        let msg = ready.recv()?;
+        if !msg.is_empty() {
+            let _ = p.join_timeout(Duration::from_secs(5));
+            return Err(Error::state(msg));
+        }
+        Ok(Manager {
+            ep: Endpoint { address, authkey },
+            server: Mutex::new(Some(p)),
+        })
+    }
+
+    /// Connects to a manager served elsewhere ([`serve`](Self::serve)), checking the key.
+    ///
+    /// Errors: [`Error::AuthenticationError`] for a wrong key, [`Error::Io`] if nothing
+    /// listens there.
+    pub fn connect(addr: impl ToAddress, authkey: &[u8]) -> Result<Manager> {
+        let ep = Endpoint {
+            address: addr.to_address()?,
+            authkey: authkey.to_vec(),
+        };
+        call::<_, ()>(&ep, 0, "ping", &())?;
+        Ok(Manager {
+            ep,
+            server: Mutex::new(None),
+        })
+    }
+
+    /// Serves a manager in the calling thread until a client calls
+    /// [`shutdown`](Self::shutdown) (Python's `get_server().serve_forever()`).
+    pub fn serve(addr: impl ToAddress, authkey: &[u8]) -> Result<()> {
+        Self::serve_with(addr, authkey, no_types)
+    }
+
+    /// [`serve`](Self::serve) with user types.
+    pub fn serve_with(
+        addr: impl ToAddress,
+        authkey: &[u8],
+        types: impl FnOnce(&mut Registry),
+    ) -> Result<()> {
+        Self::serve_listener(Listener::bind(addr, authkey)?, types)
+    }
+
+    /// Serves on a listener already bound (for instance to learn a TCP port picked by the
+    /// system before serving).
+    pub fn serve_listener(listener: Listener, types: impl FnOnce(&mut Registry)) -> Result<()> {
+        let mut reg = Registry::default();
+        types(&mut reg);
+        let s = server::Server::new(reg, listener.address().clone());
+        s.serve(listener, false)
+    }
+
+    /// The server's address.
+    pub fn address(&self) -> &Address {
+        &self.ep.address
+    }
+
+    /// The key clients authenticate with (random for [`start`](Self::start)).
+    pub fn authkey(&self) -> &[u8] {
+        &self.ep.authkey
+    }
+
+    fn make(&self, typename: &str, args: Vec<u8>, name: Option<&str>) -> Result<Proxy> {
+        let c = server::Create {
+            typename: typename.to_string(),
+            args,
+            name: name.map(str::to_string),
+        };
+        let id: ObjectId = call(&self.ep, 0, "create", &c)?;
+        Ok(Proxy::new(self.ep.clone(), id))
+    }
+
+    /// A shared dictionary (Python's `Manager().dict()`).
+    pub fn dict<K, V>(&self) -> Result<DictProxy<K, V>> {
+        self.named_or_not(None).dict()
+    }
+
+    /// A shared list (Python's `Manager().list()`).
+    pub fn list<T>(&self) -> Result<ListProxy<T>> {
+        self.named_or_not(None).list()
+    }
+
+    /// A shared namespace of named attributes (Python's `Manager().Namespace()`).
+    pub fn namespace(&self) -> Result<NamespaceProxy> {
+        self.named_or_not(None).namespace()
+    }
+
+    /// A shared FIFO queue, bounded to `maxsize` items (0: unbounded), with `task_done`/`join`
+    /// (Python's `Manager().Queue()`, which is a `JoinableQueue`).
+    pub fn queue<T>(&self, maxsize: usize) -> Result<QueueProxy<T>> {
+        self.named_or_not(None).queue(maxsize)
+    }
+
+    /// A shared lock (Python's `Manager().Lock()`).
+    pub fn lock(&self) -> Result<LockProxy> {
+        self.named_or_not(None).lock()
+    }
+
+    /// A shared value (Python's `Manager().Value()`).
+    pub fn value<T: Serialize>(&self, initial: &T) -> Result<ValueProxy<T>> {
+        self.named_or_not(None).value(initial)
+    }
+
+    /// A shared event (Python's `Manager().Event()`).
+    pub fn event(&self) -> Result<EventProxy> {
+        self.named_or_not(None).event()
+    }
+
+    /// A shared barrier for `parties` participants (Python's `Manager().Barrier()`).
+    pub fn barrier(&self, parties: usize) -> Result<BarrierProxy> {
+        self.named_or_not(None).barrier(parties)
+    }
+
+    /// An object of a registered user type, starting as `initial` (see [`SharedObject`]).
+    pub fn create<T: Serialize>(&self, typename: &str, initial: &T) -> Result<Proxy> {
+        self.make(typename, reply(initial)?, None)
+    }
+
+    /// Constructors that get or create the object registered under `name`, so that programs
+    /// that only share an address and a key find the same objects (Python's remote-manager
+    /// pattern, `register('get_queue', ...)`).
+    ///
+    /// ```
+    /// use multiproc::managers::Manager;
+    /// let m = Manager::start().unwrap();
+    /// let q = m.named("jobs").queue::<String>(0).unwrap();
+    /// q.put(&"a".to_string()).unwrap();
+    /// let same = m.named("jobs").queue::<String>(0).unwrap();
+    /// assert_eq!(same.get().unwrap(), "a");
+    /// ```
+    pub fn named<'a>(&'a self, name: &'a str) -> Named<'a> {
+        self.named_or_not(Some(name))
+    }
+
+    fn named_or_not<'a>(&'a self, name: Option<&'a str>) -> Named<'a> {
+        Named { m: self, name }
+    }
+
+    /// Frees an object in the server. Its proxies fail afterwards.
+    pub fn release(&self, proxy: &Proxy) -> Result<()> {
+        call(&self.ep, 0, "release", &proxy.id())
+    }
+
+    /// Stops the server. Proxies fail afterwards ([`Error::Eof`] or [`Error::Io`]); clients
+    /// blocked in a call get an error at once.
+    pub fn shutdown(&mut self) -> Result<()> {
+        let r = call::<_, ()>(&self.ep, 0, "shutdown", &());
+        forget_endpoint(&self.ep);
+        let server = self
+            .server
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(p) = server {
+            if p.join_timeout(Duration::from_secs(5))?.is_none() {
+                let _ = p.kill();
+                p.join()?;
+            }
+            return Ok(());
+        }
+        match r {
+            // The server may close our connection before the reply goes out.
+            Err(Error::Eof) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// The pid of the manager's server process, if this handle started it.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(Process::pid)
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        if self.server.get_mut().map(|s| s.is_some()).unwrap_or(false) {
+            let _ = self.shutdown();
+        }
+    }
+}
+
+/// Get-or-create constructors for objects shared under a name (see [`Manager::named`]).
+pub struct Named<'a> {
+    m: &'a Manager,
+    name: Option<&'a str>,
+}
+
+impl Named<'_> {
+    fn make(&self, typename: &str, args: Vec<u8>) -> Result<Proxy> {
+        self.m.make(typename, args, self.name)
+    }
+
+    /// See [`Manager::dict`].
+    pub fn dict<K, V>(&self) -> Result<DictProxy<K, V>> {
+        Ok(DictProxy::from_proxy(self.make("dict", Vec::new())?))
+    }
+
+    /// See [`Manager::list`].
+    pub fn list<T>(&self) -> Result<ListProxy<T>> {
+        Ok(ListProxy::from_proxy(
+            self.make("list", reply(&Vec::<Vec<u8>>::new())?)?,
+        ))
+    }
+
+    /// See [`Manager::namespace`].
+    pub fn namespace(&self) -> Result<NamespaceProxy> {
+        Ok(NamespaceProxy::from_proxy(
+            self.make("namespace", Vec::new())?,
+        ))
+    }
+
+    /// See [`Manager::queue`].
+    pub fn queue<T>(&self, maxsize: usize) -> Result<QueueProxy<T>> {
+        Ok(QueueProxy::from_proxy(
+            self.make("queue", reply(&maxsize)?)?,
+        ))
+    }
+
+    /// See [`Manager::lock`].
+    pub fn lock(&self) -> Result<LockProxy> {
+        Ok(LockProxy::from_proxy(self.make("lock", Vec::new())?))
+    }
+
+    /// See [`Manager::value`].
+    pub fn value<T: Serialize>(&self, initial: &T) -> Result<ValueProxy<T>> {
+        Ok(ValueProxy::from_proxy(
+            self.make("value", reply(&reply(initial)?)?)?,
+        ))
+    }
+
+    /// See [`Manager::event`].
+    pub fn event(&self) -> Result<EventProxy> {
+        Ok(EventProxy::from_proxy(self.make("event", Vec::new())?))
+    }
+
+    /// See [`Manager::barrier`].
+    pub fn barrier(&self, parties: usize) -> Result<BarrierProxy> {
+        Ok(BarrierProxy::from_proxy(
+            self.make("barrier", reply(&parties)?)?,
+        ))
+    }
+
+    /// See [`Manager::create`].
+    pub fn create<T: Serialize>(&self, typename: &str, initial: &T) -> Result<Proxy> {
+        self.make(typename, reply(initial)?)
+    }
+}
+
+#[allow(unused)]
+fn _assert_send_sync() {
+    fn ok<T: Send + Sync>() {}
+    ok::<Manager>();
+    ok::<DictProxy<String, String>>();
+}
+
+impl Context {
+    /// A [`Manager`] whose server process is started with this context's method (Python's
+    /// `ctx.Manager()`).
+    ///
+    /// ```
+    /// use multiproc::{StartMethod, get_context};
+    /// let m = get_context(StartMethod::Spawn).manager().unwrap();
+    /// let v = m.value(&7u8).unwrap();
+    /// assert_eq!(v.get().unwrap(), 7);
+    /// ```
+    pub fn manager(&self) -> Result<Manager> {
+        Manager::start_in(*self, no_types)
+    }
+}
