@@ -540,14 +540,29 @@ fn cmsg_space(nfds: usize) -> usize {
 }
 
 /// Receives into `buf` from a Unix socket, collecting any `SCM_RIGHTS` descriptors into `fds`
-/// (close-on-exec). Returns the byte count (0 at end of file).
+/// (close-on-exec). Returns the byte count (0 at end of file). Falls back to `read` for a
+/// descriptor that is not a socket.
 pub(crate) fn recv_with_fds(
     fd: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let space = cmsg_space(MAX_FDS_PER_MSG);
-    let mut cbuf = vec![0u64; space.div_ceil(8)];
+    match recvmsg_fds(fd, buf, fds, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => read(fd, buf),
+        r => r,
+    }
+}
+
+/// `recvmsg` with `flags` (plus `MSG_CMSG_CLOEXEC`), collecting `SCM_RIGHTS` descriptors.
+fn recvmsg_fds(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    flags: libc::c_int,
+) -> io::Result<usize> {
+    // Room for MAX_FDS_PER_MSG descriptors (CMSG_SPACE of 256 bytes is 272), on the stack.
+    let mut cbuf = [0u64; 64];
+    let space = cmsg_space(MAX_FDS_PER_MSG).min(std::mem::size_of_val(&cbuf));
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -560,10 +575,7 @@ pub(crate) fn recv_with_fds(
     msg.msg_controllen = space as _;
     let n = retry(|| {
         // SAFETY: msg describes valid writable buffers that outlive the call.
-        let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOTSOCK) {
-            return read(fd, buf);
-        }
+        let r = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
         cvt_long(r as libc::c_long).map(|n| n as usize)
     })?;
     // SAFETY: the kernel filled msg_control with msg_controllen bytes of well-formed cmsgs; we
@@ -1173,51 +1185,7 @@ pub(crate) fn recv_with_fds_nowait(
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let space = cmsg_space(MAX_FDS_PER_MSG);
-    let mut cbuf = [0u64; 64];
-    debug_assert!(space <= std::mem::size_of_val(&cbuf));
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: msghdr is plain data; all-zero is valid, fields set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space.min(std::mem::size_of_val(&cbuf)) as _;
-    let n = retry(|| {
-        // SAFETY: msg describes valid writable buffers that outlive the call.
-        let r = unsafe {
-            libc::recvmsg(
-                fd.as_raw_fd(),
-                &mut msg,
-                libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-            )
-        };
-        cvt_long(r as libc::c_long).map(|n| n as usize)
-    })?;
-    // SAFETY: as in `recv_with_fds`: well-formed cmsgs filled by the kernel.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "too many file descriptors in one message",
-        ));
-    }
-    Ok(n)
+    recvmsg_fds(fd, buf, fds, libc::MSG_DONTWAIT)
 }
 
 /// Closes a descriptor by number: for a forked child dropping its copy of a descriptor whose
