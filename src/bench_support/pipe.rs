@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::{Connection, Pipe};
+use crate::{Connection, JoinHandle, Pipe};
 
 use super::median;
 
@@ -83,22 +83,29 @@ fn stream(n: usize, big: bool) -> Result<f64> {
     a.recv_bytes()?;
     let t = Instant::now();
     a.send_bytes(b"go")?;
-    let mut count = 0;
     if big {
-        while !a.recv_bytes()?.is_empty() {
-            count += 1;
-        }
+        drain(t, n, h, || Ok(!a.recv_bytes()?.is_empty()))
     } else {
-        while a.recv()?.is_some() {
-            count += 1;
-        }
+        drain(t, n, h, || Ok(a.recv()?.is_some()))
+    }
+}
+
+/// Receives with `more` until it says the stream ended, joins the producer `h` and checks that
+/// `n` messages came: messages per second since `t`.
+fn drain(
+    t: Instant,
+    n: usize,
+    h: JoinHandle<()>,
+    mut more: impl FnMut() -> Result<bool>,
+) -> Result<f64> {
+    let mut count = 0;
+    while more()? {
+        count += 1;
     }
     let dt = t.elapsed().as_secs_f64();
     h.join()?;
     if count != n {
-        return Err(Error::state(format!(
-            "pipe stream: {count} of {n} messages"
-        )));
+        return Err(Error::state(format!("stream: {count} of {n} messages")));
     }
     Ok(n as f64 / dt)
 }
@@ -127,18 +134,7 @@ pub fn typed_large(n: usize) -> Result<f64> {
     let (mut rx, tx) = Pipe::<Option<Vec<u8>>>::new(false)?;
     let t = Instant::now();
     let h = crate::spawn(typed_producer, (tx, n))?;
-    let mut count = 0;
-    while rx.recv()?.is_some() {
-        count += 1;
-    }
-    let dt = t.elapsed().as_secs_f64();
-    h.join()?;
-    if count != n {
-        return Err(Error::state(format!(
-            "typed stream: {count} of {n} messages"
-        )));
-    }
-    Ok((n * MIB) as f64 / dt)
+    Ok(drain(t, n, h, || Ok(rx.recv()?.is_some()))? * MIB as f64)
 }
 
 #[cfg(test)]
