@@ -4,7 +4,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use multiproc::Pool;
-use multiproc::bench_support::pool as support;
+use multiproc::bench_support::{raw, workloads};
 
 fn sq(x: u64) -> u64 {
     x.wrapping_mul(x)
@@ -38,7 +38,7 @@ fn pool_benches(c: &mut Criterion) {
     g.bench_function("raw_pipe_pingpong", |b| {
         // The median round trip of a 1-byte ping-pong with a forked child (the raw limit).
         b.iter_custom(|iters| {
-            let per = support::pipe_rtt(iters.clamp(100, 100_000) as usize);
+            let per = raw::pipe_rtt(iters.clamp(100, 100_000) as usize).expect("ping-pong");
             std::time::Duration::from_secs_f64(per * iters as f64)
         })
     });
@@ -46,17 +46,17 @@ fn pool_benches(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("pool_primes");
     g.sample_size(10);
-    let blocks = support::blocks(100_000_000, 100_100_000, 64);
+    let blocks = workloads::blocks(100_000_000, 100_100_000, 64);
     g.bench_function("primes_1e5_pool2", |b| {
         b.iter(|| {
-            pool.map_chunksize(support::count_primes, blocks.clone(), 1)
+            pool.map_chunksize(workloads::count_primes, blocks.clone(), 1)
                 .expect("map")
                 .iter()
                 .sum::<u64>()
         })
     });
     g.bench_function("primes_1e5_sequential", |b| {
-        b.iter(|| support::count_primes((100_000_000, 100_100_000)))
+        b.iter(|| workloads::count_primes((100_000_000, 100_100_000)))
     });
     g.finish();
 }

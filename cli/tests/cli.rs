@@ -189,7 +189,32 @@ fn bench_quick_json_rows() {
     assert!(start["limit"].as_f64().is_some(), "{start}");
     let rtt = &v[0];
     assert_eq!(rtt["unit"], "us");
+    assert!(rtt["multiproc"].as_f64().is_some(), "{rtt}");
     assert!(rtt["limit"].as_f64().is_some(), "{rtt}");
+}
+
+#[test]
+fn bench_measures_the_pool_pipe_and_manager_rows() {
+    let ids = [
+        "map_default",
+        "map_chunk1",
+        "apply_rtt",
+        "pipe_small",
+        "pipe_large",
+        "manager_dict",
+        "worker_rss",
+    ];
+    let v = ok_json(
+        &["bench", "--quick", "--only", &ids.join(","), "--json"],
+        &[("MULTIPROC_BENCH_PYTHON", "none")],
+    );
+    check_rows(&v, &ids);
+    for o in &v {
+        assert!(
+            o["multiproc"].as_f64().is_some(),
+            "no multiproc figure: {o}"
+        );
+    }
 }
 
 #[test]

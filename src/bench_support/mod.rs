@@ -9,6 +9,8 @@
 //! VM does not decide a row; callers take [`median3`] of such figures and convert to the row's
 //! unit.
 
+pub mod managers;
+pub mod pipe;
 pub mod pool;
 pub mod process;
 pub mod queue;

@@ -5,7 +5,7 @@
 //! figure.
 
 use multiproc::StartMethod;
-use multiproc::bench_support::{self, process, raw, workloads};
+use multiproc::bench_support::{self, managers, pipe, pool, process, raw, workloads};
 
 use super::{Cfg, Measured, Row, none};
 
@@ -23,7 +23,7 @@ pub const ROWS: &[Row] = &[
         id: "map_default",
         unit: "task/s",
         higher_is_better: true,
-        multiproc: none, // TODO(pool): Pool::map(square, 0..n, default chunksize)
+        multiproc: |c| sample(pool::map_default(c.size(1_000_000, 100_000) as u64), 1.0),
         python: |c| {
             c.py(
                 "mp_pool.py",
@@ -36,7 +36,7 @@ pub const ROWS: &[Row] = &[
         id: "map_chunk1",
         unit: "task/s",
         higher_is_better: true,
-        multiproc: none, // TODO(pool): Pool::map(square, 0..n, chunksize 1)
+        multiproc: |c| sample(pool::map_chunk1(c.size(100_000, 10_000) as u64), 1.0),
         python: |c| {
             c.py(
                 "mp_pool.py",
@@ -49,7 +49,7 @@ pub const ROWS: &[Row] = &[
         id: "apply_rtt",
         unit: "us",
         higher_is_better: false,
-        multiproc: none, // TODO(pool): median of apply_async(square, x).get()
+        multiproc: |c| sample(pool::apply_rtt(c.size(10_000, 1_000)), 1e6),
         python: |c| {
             c.py(
                 "mp_pool.py",
@@ -149,7 +149,7 @@ pub const ROWS: &[Row] = &[
         id: "manager_dict",
         unit: "op/s",
         higher_is_better: true,
-        multiproc: none, // TODO(manager): dict set then get from a child, n each
+        multiproc: |c| sample(managers::manager_dict(c.size(20_000, 2_000) as u64), 1.0),
         python: |c| c.py("mp_manager.py", &args([&c.size(20_000, 2_000).to_string()])),
         limit: none,
     },
@@ -157,7 +157,7 @@ pub const ROWS: &[Row] = &[
         id: "worker_rss",
         unit: "MiB",
         higher_is_better: false,
-        multiproc: none, // TODO(pool): RSS of an idle pool worker
+        multiproc: |_| sample(pool::worker_rss(), 1.0),
         python: |c| c.py("mp_pool.py", &args(["rss", "0"])),
         limit: none,
     },
@@ -188,17 +188,12 @@ fn primes_blocks(c: &Cfg) -> Vec<(u64, u64)> {
     workloads::blocks(lo, hi, primes_workers() * 8)
 }
 
+/// A warm pool (not timed, as in mp_primes.py), then the timed map of the blocks.
 fn primes_multiproc(c: &Cfg) -> Measured {
-    let bar = indicatif::ProgressBar::hidden();
-    let (t, r) = bench_support::timed(|| {
-        crate::parallel::map(
-            workloads::count_primes,
-            primes_blocks(c),
-            primes_workers(),
-            &bar,
-        )
-    });
-    sample(r.map(|_| t), 1.0)
+    let (lo, hi) = primes_range(c);
+    let w = primes_workers();
+    let r = pool::warm_pool(w).and_then(|p| pool::primes_on(&p, lo, hi, w * 8));
+    sample(r.map(|(_, t)| t), 1.0)
 }
 
 fn primes_python(c: &Cfg) -> Measured {
@@ -254,8 +249,6 @@ fn exec_limit(c: &Cfg) -> Measured {
 
 // --- pipes ------------------------------------------------------------------------------------
 
-const MIB: usize = 1 << 20;
-
 fn pipe_rtt_n(c: &Cfg) -> usize {
     c.size(10_000, 1_000)
 }
@@ -280,25 +273,19 @@ fn pipe_small_limit(c: &Cfg) -> Measured {
 
 fn memcpy_limit(c: &Cfg) -> Measured {
     let n = c.size(2_000, 200);
-    Ok(Some(raw::memcpy_bandwidth(MIB, n) / 1e9))
+    Ok(Some(raw::memcpy_bandwidth(pipe::MIB, n) / 1e9))
 }
 
-// TODO(conn): the three pipe rows' multiproc side, once `multiproc::Pipe` is merged: a child
-// process and `Pipe::<T>::new(true)`, measured as mp_pipe.py measures Python (round trip of a
-// small value with send/recv; 8-byte values with send/recv from the child; 1 MiB with
-// send_bytes/recv_bytes from the child), the functions living in
-// `src/bench_support/pipe.rs` so the criterion benches can share them.
-
-fn pipe_rtt_multiproc(_: &Cfg) -> Measured {
-    Ok(None)
+fn pipe_rtt_multiproc(c: &Cfg) -> Measured {
+    sample(pipe::rtt(pipe_rtt_n(c)), 1e6)
 }
 
-fn pipe_small_multiproc(_: &Cfg) -> Measured {
-    Ok(None)
+fn pipe_small_multiproc(c: &Cfg) -> Measured {
+    sample(pipe::small(pipe_small_n(c)), 1.0)
 }
 
-fn pipe_large_multiproc(_: &Cfg) -> Measured {
-    Ok(None)
+fn pipe_large_multiproc(c: &Cfg) -> Measured {
+    sample(pipe::large(pipe_large_n(c)), 1e-9)
 }
 
 // --- shared state -----------------------------------------------------------------------------
