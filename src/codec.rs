@@ -165,7 +165,8 @@ mod tests {
         struct H;
         impl Serialize for H {
             fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                // SAFETY: fd 0 is only borrowed for the call and never closed.
+                // SAFETY: the borrow lasts only this call, nothing closes fd 0, and `serialize_fd`
+                // only records the number (the test never sends or reads through it).
                 let fd = unsafe { BorrowedFd::borrow_raw(0) };
                 serialize_fd(fd, s)
             }

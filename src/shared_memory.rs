@@ -388,6 +388,8 @@ mod tracker {
         }
     }
 
+    // SAFETY: `.init_array` holds `extern "C" fn()` pointers that the loader calls once, before
+    // `main`, with no arguments; `on_load` has that type.
     #[used]
     #[unsafe(link_section = ".init_array")]
     static ON_LOAD: extern "C" fn() = on_load;

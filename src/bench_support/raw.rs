@@ -41,6 +41,9 @@ extern "C" fn raw_exit_on_load() {
     exit_if_raw_child();
 }
 
+// SAFETY: `.init_array` holds `extern "C" fn()` pointers that the loader calls once, before
+// `main`, with no arguments; `raw_exit_on_load` has that type and does not unwind (it reads the
+// environment and returns, or exits).
 #[used]
 #[unsafe(link_section = ".init_array")]
 static RAW_EXIT_ON_LOAD: extern "C" fn() = raw_exit_on_load;

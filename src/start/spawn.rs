@@ -140,6 +140,9 @@ extern "C" fn on_load() {
     enter_if_child();
 }
 
+// SAFETY: `.init_array` holds `extern "C" fn()` pointers that the loader calls once, before
+// `main`, with no arguments; `on_load` has that type. A panic in it would abort (it cannot
+// unwind through the `extern "C"` boundary), which is the right outcome for a broken child.
 #[used]
 #[unsafe(link_section = ".init_array")]
 static ON_LOAD: extern "C" fn() = on_load;
