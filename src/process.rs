@@ -755,10 +755,24 @@ impl<R: DeserializeOwned> JoinHandle<R> {
             .boot
             .take()
             .ok_or_else(|| Error::state("already joined"))?;
-        if !platform::poll_read(boot.as_fd(), timeout)? {
+        // Wait for the answer or for the child's end, whichever comes first: a grandchild forked
+        // by the child holds a copy of the boot socket, so a child that died without answering
+        // does not always give end of file here.
+        use platform::Interest::Read;
+        let ready = platform::poll(
+            &[(boot.as_fd(), Read), (self.child.pidfd.as_fd(), Read)],
+            timeout,
+        )?;
+        if !ready[0] && !ready[1] {
             return Err(Error::Timeout);
         }
-        let got = frame::recv_frame(boot.as_fd(), frame::DEFAULT_MAX_FRAME);
+        // A child that ended had queued its whole answer before exiting: one more look suffices.
+        let answered = ready[0] || platform::poll_read(boot.as_fd(), Some(Duration::ZERO))?;
+        let got = if answered {
+            frame::recv_frame(boot.as_fd(), frame::DEFAULT_MAX_FRAME)
+        } else {
+            Err(Error::Eof)
+        };
         let status = self.child.wait(None)?.expect("unbounded wait");
         match got {
             Ok((bytes, _fds)) => {

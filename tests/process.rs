@@ -443,3 +443,42 @@ fn daemon_started_from_a_short_lived_thread_outlives_the_thread() {
         p.join().unwrap();
     });
 }
+
+/// The child forks a grandchild (which keeps a copy of the boot socket) and aborts. The
+/// grandchild sends its pid on `hold` and lives until the test kills it.
+fn abort_leaving_grandchild(mut hold: multiproc::Connection<u32>) {
+    // SAFETY: fork in a child process; the copy only sends on a socket, waits and exits.
+    if unsafe { libc::fork() } == 0 {
+        // Hold no copy of the test's output pipes (the harness waits for them to close).
+        if let Ok(null) = std::fs::File::open("/dev/null") {
+            // SAFETY: dup2 on descriptors this process owns.
+            unsafe {
+                libc::dup2(null.as_raw_fd(), 1);
+                libc::dup2(null.as_raw_fd(), 2);
+            }
+        }
+        let _ = hold.send(&std::process::id());
+        std::thread::sleep(Duration::from_secs(60));
+        // SAFETY: _exit has no preconditions.
+        unsafe { libc::_exit(0) }
+    }
+    std::process::abort()
+}
+
+#[test]
+fn join_sees_a_dead_child_whose_grandchild_holds_the_boot_socket() {
+    each_method(|m| {
+        let (mut keep, hold) = multiproc::Pipe::<u32>::new(true).unwrap();
+        let h = multiproc::spawn_in(get_context(m), abort_leaving_grandchild, hold).unwrap();
+        let joined = h.join_timeout(Duration::from_secs(10));
+        let grandchild = keep.recv_timeout(Duration::from_secs(10)).unwrap();
+        // SAFETY: kill takes a pid and a signal number.
+        unsafe { libc::kill(grandchild as libc::pid_t, libc::SIGKILL) };
+        match joined {
+            Err(Error::WorkerLost { status, .. }) => {
+                assert_eq!(status, ExitStatus::Signaled(libc::SIGABRT), "{m}")
+            }
+            other => panic!("{m}: expected WorkerLost, got {other:?}"),
+        }
+    });
+}
