@@ -353,32 +353,28 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// Sets or clears `FD_CLOEXEC`.
 pub(crate) fn set_cloexec(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
-    // SAFETY: fcntl on a valid fd with integer arguments.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) })?;
-    let new = if on {
-        flags | libc::FD_CLOEXEC
-    } else {
-        flags & !libc::FD_CLOEXEC
-    };
-    if new != flags {
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, new) })?;
-    }
-    Ok(())
+    set_fcntl_bit(fd, libc::F_GETFD, libc::F_SETFD, libc::FD_CLOEXEC, on)
 }
 
 /// Sets or clears `O_NONBLOCK`.
 pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> Result<()> {
-    // SAFETY: fcntl on a valid fd with integer arguments.
-    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    let new = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
+    set_fcntl_bit(fd, libc::F_GETFL, libc::F_SETFL, libc::O_NONBLOCK, on)
+}
+
+/// Sets or clears `bit` in the flags that the fcntl commands `get`/`set` read and write.
+fn set_fcntl_bit(
+    fd: BorrowedFd<'_>,
+    get: libc::c_int,
+    set: libc::c_int,
+    bit: libc::c_int,
+    on: bool,
+) -> Result<()> {
+    // SAFETY: fcntl on a valid fd with integer arguments (F_GETFD/F_GETFL take none).
+    let flags = cvt(unsafe { libc::fcntl(fd.as_raw_fd(), get) })?;
+    let new = if on { flags | bit } else { flags & !bit };
     if new != flags {
-        // SAFETY: as above.
-        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, new) })?;
+        // SAFETY: fcntl on a valid fd with an integer argument (F_SETFD/F_SETFL).
+        cvt(unsafe { libc::fcntl(fd.as_raw_fd(), set, new) })?;
     }
     Ok(())
 }
