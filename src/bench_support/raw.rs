@@ -14,13 +14,12 @@
 //! Every forked child here only calls `read`, `write`, `execve` and `_exit` (async-signal-safe),
 //! so the functions may be called from a multithreaded program.
 
-use std::ffi::{CString, OsStr};
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
 use std::time::Instant;
 
 use crate::error::{Error, ExitStatus, Result};
 use crate::platform::{self, Forked};
+use crate::start::ExecArgs;
 
 use super::median;
 
@@ -74,33 +73,14 @@ pub fn fork_wait(n: usize) -> Result<f64> {
 /// set + `waitpid`. Fails if the exec'd program does not exit with 0 (it must call
 /// [`exit_if_raw_child`]).
 pub fn fork_exec_wait(n: usize) -> Result<f64> {
-    let argv0 = std::env::args_os()
-        .next()
-        .unwrap_or_else(|| "multiproc".into());
-    let argv0 = CString::new(argv0.as_bytes()).map_err(|e| Error::arg(e.to_string()))?;
-    let mut env: Vec<CString> = std::env::vars_os()
-        .filter(|(k, _)| k != OsStr::new(RAW_EXIT_ENV))
-        .filter_map(|(k, v)| {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            CString::new(kv).ok()
-        })
-        .collect();
-    env.push(CString::new(format!("{RAW_EXIT_ENV}=1")).expect("no NUL"));
-    let argv = [argv0.as_ptr(), std::ptr::null()];
-    let envp: Vec<*const libc::c_char> = env
-        .iter()
-        .map(|c| c.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let args = ExecArgs::new("multiproc", &[RAW_EXIT_ENV], format!("{RAW_EXIT_ENV}=1"))?;
     let mut times = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         let t = Instant::now();
         // SAFETY: the child only calls execve and _exit on data allocated before the fork.
         match unsafe { platform::fork() }? {
             Forked::Child => {
-                let _ = platform::execve(c"/proc/self/exe", &argv, &envp);
+                let _ = platform::execve(c"/proc/self/exe", &args.argv, &args.envp);
                 platform::exit_now(127)
             }
             Forked::Parent(pid) => expect_clean_exit(platform::reap_pid(pid), "fork+exec+waitpid")?,
