@@ -641,12 +641,8 @@ mod tests {
         let mut bytes = Vec::new();
         let fds = crate::codec::encode_into(v, &mut bytes)?;
         let owned = fds
-            .iter()
-            .map(|&fd| {
-                // SAFETY: fd belongs to `v`, alive for this call; only borrowed to dup it.
-                let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                crate::platform::dup(b)
-            })
+            .into_iter()
+            .map(crate::platform::dup_raw)
             .collect::<Result<Vec<_>>>()?;
         crate::codec::decode(&bytes, owned)
     }
