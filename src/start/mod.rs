@@ -152,8 +152,15 @@ fn finish_launch(pid: u32, parent_end: OwnedFd) -> Result<Launched> {
 /// the closure's captures exist only in this address space).
 pub(crate) fn launch_closure(f: Box<dyn FnOnce() -> i32 + Send>) -> Result<(u32, OwnedFd)> {
     let pid = on_long_lived_thread(move || fork::launch_closure(f))??;
-    let pidfd = platform::pidfd_open(pid)?;
-    Ok((pid, pidfd))
+    match platform::pidfd_open(pid) {
+        Ok(pidfd) => Ok((pid, pidfd)),
+        Err(e) => {
+            // Without a pidfd nobody would ever reap it: end it now (as `finish_launch` does).
+            let _ = platform::kill(pid, libc::SIGKILL);
+            platform::reap_pid(pid);
+            Err(e)
+        }
+    }
 }
 
 /// Called once per process, before `main` (from the executable's `.init_array`): if this
