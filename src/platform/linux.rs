@@ -264,17 +264,6 @@ fn unsafe_zeroed_siginfo() -> libc::siginfo_t {
     unsafe { std::mem::zeroed() }
 }
 
-/// Reaps any zombie child whose pid we no longer track (never blocks). Returns how many.
-pub(crate) fn reap_pid_nohang(pid: u32) -> Option<ExitStatus> {
-    let mut status = 0;
-    // SAFETY: status is a valid out-pointer.
-    let r = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, libc::WNOHANG) };
-    if r <= 0 {
-        return None;
-    }
-    Some(decode_wait_status(status))
-}
-
 /// Blocks until child `pid` exits and reaps it.
 pub(crate) fn reap_pid(pid: u32) -> Option<ExitStatus> {
     let mut status = 0;
@@ -804,18 +793,6 @@ pub(crate) fn futex_wake(word: &AtomicU32, n: u32) -> u32 {
         )
     };
     if r < 0 { 0 } else { r as u32 }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Signals
-// ---------------------------------------------------------------------------------------------
-
-/// Restores the default disposition of the signals a child should not inherit as ignored.
-pub(crate) fn reset_signal_dispositions() {
-    for sig in [libc::SIGPIPE, libc::SIGCHLD, libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: SIG_DFL is always a valid disposition.
-        unsafe { libc::signal(sig, libc::SIG_DFL) };
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
