@@ -308,11 +308,9 @@ mod tracker {
         // that no linker drops the `.init_array` entry of an otherwise unreferenced object.
         std::hint::black_box(&ON_LOAD);
         let (read, write) = platform::pipe()?;
-        let env: Vec<String> = std::env::vars_os()
-            .filter(|(k, _)| !k.to_string_lossy().starts_with("__MULTIPROC_"))
-            .filter_map(|(k, v)| Some(format!("{}={}", k.to_str()?, v.to_str()?)))
-            .collect();
-        platform::spawn_detached_self(ENV, read.as_fd(), &env)?;
+        platform::spawn_detached_self(ENV, read.as_fd(), |k| {
+            !k.as_encoded_bytes().starts_with(b"__MULTIPROC_")
+        })?;
         drop(read);
         Ok(write)
     }

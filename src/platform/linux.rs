@@ -2,9 +2,10 @@
 //! Linux system calls. Every `unsafe` call into the kernel that the crate makes lives here,
 //! behind a small safe wrapper, so that a macOS port replaces this one file.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
@@ -932,32 +933,70 @@ impl RawRobustMutex {
 // Helper processes that outlive their creator (the shared-memory tracker)
 // ---------------------------------------------------------------------------------------------
 
+/// What an exec'd copy of this program gets, built before the fork so that the child only passes
+/// pointers to `execve`: argv `[argv0]`, and this process's environment (the variables whose
+/// names `keep` accepts) plus `extra` (`KEY=value`). The pointer arrays point into the
+/// `CString`s' heap buffers, which do not move when the value does.
+pub(crate) struct ExecArgs {
+    _argv0: CString,
+    _env: Vec<CString>,
+    /// NULL-terminated argv.
+    pub(crate) argv: [*const libc::c_char; 2],
+    /// NULL-terminated envp.
+    pub(crate) envp: Vec<*const libc::c_char>,
+}
+
+impl ExecArgs {
+    pub(crate) fn new(
+        default_argv0: &str,
+        keep: impl Fn(&OsStr) -> bool,
+        extra: String,
+    ) -> Result<ExecArgs> {
+        let argv0 = std::env::args_os()
+            .next()
+            .unwrap_or_else(|| default_argv0.into());
+        let argv0 = CString::new(argv0.as_bytes()).map_err(|e| Error::arg(e.to_string()))?;
+        let mut env: Vec<CString> = std::env::vars_os()
+            .filter(|(k, _)| keep(k))
+            .filter_map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).ok()
+            })
+            .collect();
+        env.push(CString::new(extra).map_err(|e| Error::arg(e.to_string()))?);
+        let argv = [argv0.as_ptr(), std::ptr::null()];
+        let envp = env
+            .iter()
+            .map(|c| c.as_ptr())
+            .chain(std::iter::once(std::ptr::null()))
+            .collect();
+        Ok(ExecArgs {
+            _argv0: argv0,
+            _env: env,
+            argv,
+            envp,
+        })
+    }
+}
+
 /// Starts this executable again as a detached helper: a double fork (the helper is reparented
 /// to init or the nearest subreaper, so it is nobody's zombie and outlives a SIGKILLed caller)
 /// then `execve("/proc/self/exe")` with `var=<fd>` in the environment and `fd` inherited (the
-/// only descriptor it inherits). `env` is the rest of the environment, `KEY=VALUE` strings.
+/// only descriptor it inherits). `keep` picks the variables of this process's environment to pass on.
 /// Waits for the intermediate child, so it returns once the helper exists.
-pub(crate) fn spawn_detached_self(var: &str, fd: BorrowedFd<'_>, env: &[String]) -> Result<()> {
-    use std::ffi::CString;
+pub(crate) fn spawn_detached_self(
+    var: &str,
+    fd: BorrowedFd<'_>,
+    keep: impl Fn(&OsStr) -> bool,
+) -> Result<()> {
     let exe = c"/proc/self/exe";
-    let argv0 = std::env::args_os()
-        .next()
-        .unwrap_or_else(|| "multiproc-helper".into());
-    let argv0 = CString::new(std::os::unix::ffi::OsStrExt::as_bytes(argv0.as_os_str()))
-        .map_err(|e| Error::arg(e.to_string()))?;
-    let mut envs: Vec<CString> = env
-        .iter()
-        .filter_map(|kv| CString::new(kv.as_bytes()).ok())
-        .collect();
-    envs.push(
-        CString::new(format!("{var}={}", fd.as_raw_fd())).map_err(|e| Error::arg(e.to_string()))?,
-    );
-    let argv = [argv0.as_ptr(), std::ptr::null()];
-    let envp: Vec<*const libc::c_char> = envs
-        .iter()
-        .map(|c| c.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect();
+    let args = ExecArgs::new(
+        "multiproc-helper",
+        keep,
+        format!("{var}={}", fd.as_raw_fd()),
+    )?;
     let raw = fd.as_raw_fd();
     // SAFETY: between fork and execve/_exit the children only call fork, fcntl, setsid, execve
     // and _exit (all async-signal-safe) on data allocated before the first fork.
@@ -975,7 +1014,7 @@ pub(crate) fn spawn_detached_self(var: &str, fd: BorrowedFd<'_>, env: &[String])
                     }
                     libc::setsid();
                 }
-                let _ = execve(exe, &argv, &envp);
+                let _ = execve(exe, &args.argv, &args.envp);
                 exit_now(127);
             }
             exit_now(0)

@@ -19,7 +19,6 @@ use crate::frame;
 use crate::platform;
 
 pub(crate) use child::{ChildTask, Outcome};
-pub(crate) use spawn::ExecArgs;
 
 /// A child that was just started.
 #[derive(Debug)]

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 
 use crate::error::{Error, Result};
-use crate::platform::{self, Forked};
+use crate::platform::{self, ExecArgs, Forked};
 
 use super::{child, forkserver};
 
@@ -54,7 +54,7 @@ pub(super) fn exec_self(var: &str, fd: OwnedFd) -> Result<u32> {
     let exe = exe.as_c_str();
     let args = ExecArgs::new(
         "multiproc-child",
-        &[BOOT_ENV, FORKSERVER_ENV],
+        |k| k != OsStr::new(BOOT_ENV) && k != OsStr::new(FORKSERVER_ENV),
         format!("{var}={}", fd.as_raw_fd()),
     )?;
     // SAFETY: the child only calls fcntl, execve and _exit, all async-signal-safe, on data
@@ -70,50 +70,6 @@ pub(super) fn exec_self(var: &str, fd: OwnedFd) -> Result<u32> {
             drop(fd);
             Ok(pid)
         }
-    }
-}
-
-/// What an exec'd copy of this program gets, built before the fork so that the child only passes
-/// pointers to `execve`: argv `[argv0]` and this process's environment without the variables
-/// named in `drop`, plus `extra` (`KEY=value`). The pointer arrays point into the `CString`s'
-/// heap buffers, which do not move when the value does.
-pub(crate) struct ExecArgs {
-    _argv0: CString,
-    _env: Vec<CString>,
-    /// NULL-terminated argv.
-    pub(crate) argv: [*const libc::c_char; 2],
-    /// NULL-terminated envp.
-    pub(crate) envp: Vec<*const libc::c_char>,
-}
-
-impl ExecArgs {
-    pub(crate) fn new(default_argv0: &str, drop: &[&str], extra: String) -> Result<ExecArgs> {
-        let argv0 = std::env::args_os()
-            .next()
-            .unwrap_or_else(|| default_argv0.into());
-        let argv0 = CString::new(argv0.as_bytes()).map_err(|e| Error::arg(e.to_string()))?;
-        let mut env: Vec<CString> = std::env::vars_os()
-            .filter(|(k, _)| !drop.iter().any(|d| k == OsStr::new(d)))
-            .filter_map(|(k, v)| {
-                let mut kv = k.as_bytes().to_vec();
-                kv.push(b'=');
-                kv.extend_from_slice(v.as_bytes());
-                CString::new(kv).ok()
-            })
-            .collect();
-        env.push(CString::new(extra).map_err(|e| Error::arg(e.to_string()))?);
-        let argv = [argv0.as_ptr(), std::ptr::null()];
-        let envp = env
-            .iter()
-            .map(|c| c.as_ptr())
-            .chain(std::iter::once(std::ptr::null()))
-            .collect();
-        Ok(ExecArgs {
-            _argv0: argv0,
-            _env: env,
-            argv,
-            envp,
-        })
     }
 }
 
