@@ -5,11 +5,12 @@
 //! that dominate IPC: `cargo bench --bench codec` puts it beside bitcode's serde mode, and on
 //! this project's machines postcard encodes+decodes a `u64` in ~25 ns against ~300 ns, a small
 //! struct in ~0.3 us against ~5 us; bitcode wins only on large numeric vectors (1.6x). Everything
-//! goes through [`encode`] and [`decode`], so the format can change in this one file.
+//! goes through [`encode_into`] and [`decode`] (and their `_plain` forms), so the format can
+//! change in this one file.
 //!
 //! # Bytes
 //! serde sees a `Vec<u8>` as a sequence of integers, element by element (~4 ms per MiB). For
-//! byte payloads use [`serde_bytes::ByteBuf`](crate::serde_bytes::ByteBuf) (re-exported as
+//! byte payloads use [`serde_bytes::ByteBuf`] (re-exported as
 //! `multiproc::serde_bytes`), which travels as one block (~0.25 ms per MiB, a copy).
 //!
 //! # Handles inside values
@@ -17,7 +18,7 @@
 //! queue in shared memory. They serialize by pushing their descriptor into the current
 //! list of descriptors that [`encode_into`] returns (see [`serialize_fd`]) and writing its index; the transport sends the
 //! descriptors along (`SCM_RIGHTS` on a Unix socket) and the receiver's [`decode`] hands them back
-//! to [`deserialize_fd`] by index. Serializing a handle outside [`encode`] is an error, not a
+//! to [`deserialize_fd`] by index. Serializing a handle outside [`encode_into`] is an error, not a
 //! dangling number.
 
 use std::cell::RefCell;

@@ -183,7 +183,7 @@ pub(crate) fn forkserver_pid() -> Option<u32> {
 /// [`StartMethod::Spawn`] children and the fork server re-execute, as Python's `set_executable`.
 ///
 /// The executable must be a build of the same program: a child whose build id differs refuses
-/// its task with [`Error::BuildIdMismatch`](crate::Error::BuildIdMismatch).
+/// its task with [`Error::BuildIdMismatch`].
 ///
 /// ```
 /// multiproc::set_executable(None).unwrap();
