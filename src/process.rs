@@ -766,7 +766,12 @@ impl<R: DeserializeOwned> JoinHandle<R> {
         if !ready[0] && !ready[1] {
             return Err(Error::Timeout);
         }
-        // A child that ended had queued its whole answer before exiting: one more look suffices.
+        // A child that ended had queued all it sent before exiting: one more look suffices, and
+        // reading must not block (a half-sent answer from a killed child would wait forever on a
+        // grandchild's copy of the socket).
+        if ready[1] {
+            platform::set_nonblocking(boot.as_fd(), true)?;
+        }
         let answered = ready[0] || platform::poll_read(boot.as_fd(), Some(Duration::ZERO))?;
         let got = if answered {
             frame::recv_frame(boot.as_fd(), frame::DEFAULT_MAX_FRAME)
