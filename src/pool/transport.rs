@@ -153,9 +153,6 @@ impl Transport for LocalTransport {
         let page = Mapping::new(page_fd.as_fd(), PAGE)?;
         let mut payload = Vec::new();
         let fds = (boot.encode)(theirs.as_fd(), page_fd.as_fd(), &mut payload)?;
-        // start::launch makes the child from a long-lived thread (see its docs): workers are
-        // daemons and must not die with whichever thread drives the pool.
-        let l = start::launch(self.method)?;
         let task = ChildTask {
             build_id: crate::function::build_id().to_vec(),
             entry: boot.entry,
@@ -163,28 +160,12 @@ impl Transport for LocalTransport {
             info,
             want_result: false,
         };
-        let mut buf = Vec::new();
-        codec::encode_plain(&task, &mut buf)?;
-        if let Err(e) = frame::send_frame(l.boot.as_fd(), &buf, &fds) {
-            let _ = platform::pidfd_send_signal(l.pidfd.as_fd(), libc::SIGKILL);
-            let _ = platform::pidfd_wait(l.pidfd.as_fd(), true);
-            return Err(e);
-        }
+        // start::launch_task makes the child from a long-lived thread (see start::launch's
+        // docs): workers are daemons and must not die with whichever thread drives the pool.
+        let l = start::launch_task(self.method, &task, &fds)?;
         drop(theirs);
         platform::set_nonblocking(ours.as_fd(), true)?;
-        Ok(Box::new(LocalLink {
-            pid: l.pid,
-            pidfd: l.pidfd,
-            sock: ours,
-            page,
-            out: Vec::new(),
-            out_pos: 0,
-            marks: VecDeque::new(),
-            inbuf: vec![0; 64 * 1024],
-            in_start: 0,
-            in_end: 0,
-            reaped: None,
-        }))
+        Ok(Box::new(LocalLink::new(l.pid, l.pidfd, ours, page)))
     }
 }
 
@@ -204,6 +185,23 @@ struct LocalLink {
 }
 
 impl LocalLink {
+    /// A link to worker `pid` on its socket `sock` (non-blocking) and shared `page`.
+    fn new(pid: u32, pidfd: OwnedFd, sock: OwnedFd, page: Mapping) -> LocalLink {
+        LocalLink {
+            pid,
+            pidfd,
+            sock,
+            page,
+            out: Vec::new(),
+            out_pos: 0,
+            marks: VecDeque::new(),
+            inbuf: vec![0; 64 * 1024],
+            in_start: 0,
+            in_end: 0,
+            reaped: None,
+        }
+    }
+
     fn push_frame(&mut self, kind: u8, seq: u64, parts: &[&[u8]], fds: &[RawFd]) {
         let len: usize = MSG_HEAD + parts.iter().map(|p| p.len()).sum::<usize>();
         if !fds.is_empty() {
@@ -405,19 +403,8 @@ mod tests {
             .unwrap();
         let pidfd = platform::pidfd_open(child.id()).unwrap();
         let page_fd = platform::memfd(c"test-page", PAGE).unwrap();
-        let link = LocalLink {
-            pid: child.id(),
-            pidfd,
-            sock: ours,
-            page: Mapping::new(page_fd.as_fd(), PAGE).unwrap(),
-            out: Vec::new(),
-            out_pos: 0,
-            marks: VecDeque::new(),
-            inbuf: vec![0; 64 * 1024],
-            in_start: 0,
-            in_end: 0,
-            reaped: None,
-        };
+        let page = Mapping::new(page_fd.as_fd(), PAGE).unwrap();
+        let link = LocalLink::new(child.id(), pidfd, ours, page);
         (link, theirs)
     }
 

@@ -2,9 +2,8 @@
 //!
 //! Every method produces the same thing, a [`Launched`] child that is a direct child of the
 //! calling process (so it can be waited on through a pidfd) and that runs
-//! [`child::child_main`] on its end of a *boot socket*. The caller then sends a
-//! [`child::ChildTask`] down its end of the boot socket. Nothing above this module knows which
-//! method made the child.
+//! [`child::child_main`] on its end of a *boot socket*, down which [`launch_task`] sends a
+//! [`child::ChildTask`]. Nothing above this module knows which method made the child.
 
 pub(crate) mod child;
 mod fork;
@@ -29,12 +28,6 @@ pub(crate) struct Launched {
     pub(crate) pidfd: OwnedFd,
     /// The parent's end of the boot socket (a `SOCK_STREAM` Unix socket).
     pub(crate) boot: OwnedFd,
-}
-
-/// Starts a child with `method`; the child waits for its task on the boot socket.
-pub(crate) fn launch(method: StartMethod) -> Result<Launched> {
-    let (parent_end, child_end) = platform::socketpair(libc::SOCK_STREAM)?;
-    launch_on(method, parent_end, child_end)
 }
 
 /// Largest task frame queued in the boot socket *before* the child exists (the socket's buffer
