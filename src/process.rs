@@ -778,16 +778,22 @@ impl<R: DeserializeOwned> JoinHandle<R> {
         } else {
             Err(Error::Eof)
         };
-        let status = self.child.wait(None)?.expect("unbounded wait");
         match got {
+            // The child exits right after answering; if it is not reaped yet, Drop hands it to
+            // the reaper, so the caller never waits on a child that lingers.
             Ok((bytes, _fds)) => {
                 let outcome: Outcome = codec::decode_plain(&bytes)?;
                 codec::decode_plain(&outcome.into_result()?)
             }
-            Err(_) => Err(Error::WorkerLost {
-                pid: self.child.pid,
-                status,
-            }),
+            // No (whole) answer: the child ended or is ending. A bounded wait for its status;
+            // a child still running after it sent garbage is reported by what went wrong.
+            Err(e) => match self.child.wait(Some(Duration::from_secs(5)))? {
+                Some(status) => Err(Error::WorkerLost {
+                    pid: self.child.pid,
+                    status,
+                }),
+                None => Err(e),
+            },
         }
     }
 }

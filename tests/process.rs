@@ -482,3 +482,24 @@ fn join_sees_a_dead_child_whose_grandchild_holds_the_boot_socket() {
         }
     });
 }
+
+#[test]
+fn a_killed_fork_server_is_replaced() {
+    let ctx = get_context(StartMethod::ForkServer);
+    let mut p = Process::new(noop, ()).context(ctx);
+    p.start().unwrap();
+    p.join().unwrap();
+    let server = multiproc::forkserver_pid().expect("the fork server runs");
+    // SAFETY: kill of our own fork server.
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    let mut p = Process::new(exit3, ()).context(ctx);
+    p.start().unwrap();
+    p.join().unwrap();
+    assert_eq!(p.exitcode(), Some(3));
+    let replacement = multiproc::forkserver_pid().expect("a new fork server runs");
+    assert_ne!(replacement, server);
+    assert!(
+        !zombie_children().contains(&server),
+        "the dead server was not reaped"
+    );
+}

@@ -20,6 +20,9 @@ struct Server {
 
 static SERVER: Mutex<Option<Server>> = Mutex::new(None);
 
+/// How long a launch waits for the fork server's reply (a fork takes well under a millisecond).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Starts the server if this process has none.
 pub(super) fn ensure_started() -> Result<()> {
     let mut s = SERVER.lock().unwrap_or_else(|p| p.into_inner());
@@ -81,6 +84,11 @@ pub(super) fn launch(child_end: OwnedFd) -> Result<u32> {
 fn request(server: &Server, child_end: &OwnedFd) -> Result<u32> {
     platform::send_with_fds(server.ctl.as_fd(), b"F", &[child_end.as_raw_fd()])
         .map_err(Error::Io)?;
+    // A server that is stopped or wedged must not block every launch of this process (the
+    // SERVER lock is held here): after the bound the caller replaces it.
+    if !platform::poll_read(server.ctl.as_fd(), Some(REPLY_TIMEOUT))? {
+        return Err(Error::Timeout);
+    }
     let mut reply = [0u8; 8];
     let mut fds = Vec::new();
     let n = platform::recv_with_fds(server.ctl.as_fd(), &mut reply, &mut fds).map_err(Error::Io)?;

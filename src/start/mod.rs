@@ -95,7 +95,9 @@ fn on_long_lived_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'stati
                     .name("multiproc-launcher".into())
                     .spawn(move || {
                         for job in rx {
-                            job();
+                            // A panicking launch must not take the launcher down with it: the
+                            // caller sees its reply channel close, later launches still work.
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
                         }
                     })
                     .map_err(Error::Io)?;
