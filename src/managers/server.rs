@@ -33,7 +33,8 @@ impl CallCtx<'_> {
     }
 
     /// Waits on `cv` until `done(state)` or the deadline, checking the peer every
-    /// [`PEER_CHECK`]. Returns the guard and whether `done` became true.
+    /// [`PEER_CHECK`]. Returns the guard and whether `done` became true. A deadline already
+    /// past checks `done` once without waiting (the non-blocking form of a call).
     fn wait_until<'g, S>(
         &self,
         cv: &Condvar,
@@ -96,6 +97,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 fn deadline(t: Option<Duration>) -> Option<Instant> {
     t.map(|t| Instant::now() + t)
+}
+
+/// The deadline of a call that may block (`block`, with an optional timeout) or not.
+fn wait_deadline(block: bool, t: Option<Duration>) -> Option<Instant> {
+    if block {
+        deadline(t)
+    } else {
+        Some(Instant::now())
+    }
 }
 
 type Bytes = Vec<u8>;
@@ -277,13 +287,7 @@ impl Object for Queue {
                 let (v, block, t): (Bytes, bool, Option<Duration>) = a(b)?;
                 let max = self.maxsize;
                 let full = |s: &mut QState| max == 0 || s.items.len() < max;
-                let (mut g, ok) = if block {
-                    ctx.wait_until(&self.cv, g, deadline(t), full)?
-                } else {
-                    let mut g = g;
-                    let ok = full(&mut g);
-                    (g, ok)
-                };
+                let (mut g, ok) = ctx.wait_until(&self.cv, g, wait_deadline(block, t), full)?;
                 if !ok {
                     return Err(RemoteError::Full);
                 }
@@ -295,13 +299,7 @@ impl Object for Queue {
             "get" => {
                 let (block, t): (bool, Option<Duration>) = a(b)?;
                 let ready = |s: &mut QState| !s.items.is_empty();
-                let (mut g, ok) = if block {
-                    ctx.wait_until(&self.cv, g, deadline(t), ready)?
-                } else {
-                    let mut g = g;
-                    let ok = ready(&mut g);
-                    (g, ok)
-                };
+                let (mut g, ok) = ctx.wait_until(&self.cv, g, wait_deadline(block, t), ready)?;
                 if !ok {
                     return Err(RemoteError::Empty);
                 }
@@ -353,12 +351,8 @@ impl Object for Lock {
         match m {
             "acquire" => {
                 let (block, t): (bool, Option<Duration>) = a(b)?;
-                let (mut g, ok) = if block {
-                    ctx.wait_until(&self.cv, g, deadline(t), |o| o.is_none())?
-                } else {
-                    let ok = g.is_none();
-                    (g, ok)
-                };
+                let (mut g, ok) =
+                    ctx.wait_until(&self.cv, g, wait_deadline(block, t), |o| o.is_none())?;
                 if ok {
                     *g = Some(ctx.conn_id);
                 }
