@@ -1023,7 +1023,18 @@ impl Inner {
         let h = self.bg.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = h {
             if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
+                // It leaves at once when nudged, unless a user callback it runs blocks: then it
+                // is detached after a bound rather than hanging terminate.
+                let give_up = Instant::now() + Duration::from_secs(5);
+                while !h.is_finished() && Instant::now() < give_up {
+                    self.nudge();
+                    std::thread::park_timeout(Duration::from_millis(1));
+                }
+                if h.is_finished() {
+                    let _ = h.join();
+                } else {
+                    tracing::warn!("pool background thread still busy after terminate; detached");
+                }
             }
         }
     }
