@@ -27,6 +27,8 @@ fn id_of(p: TestPoint) -> TestPointId {
         TestPoint::GetLocked => 2,
         TestPoint::PutCopying => 3,
         TestPoint::GetCopying => 4,
+        TestPoint::PutPublished => 5,
+        TestPoint::GetPublished => 6,
     }
 }
 
@@ -109,6 +111,50 @@ fn consumer_killed_holding_the_lock_leaves_the_message_in_the_queue() {
     // The victim never returned message 1: it is delivered to the next consumer.
     assert_eq!(q.get_timeout(LONG).unwrap(), msg(1, 10));
     assert_eq!(q.get_timeout(LONG).unwrap(), msg(2, 10));
+    check_queue_still_works(&q, 10);
+}
+
+#[test]
+fn producer_killed_after_publishing_keeps_its_message() {
+    let q: Queue<Msg> = Queue::new().unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    q.put(msg(1, 10)).unwrap();
+    let p = Process::new(victim_put, (q.clone(), tell.clone(), 5, 10));
+    kill_inside(p, &tell, 5);
+    // Past its commit point the put counts, even though the process never returned: the
+    // message is delivered, once, and the counters agree.
+    assert_eq!(q.qsize(), 2);
+    assert_eq!(q.get_timeout(LONG).unwrap(), msg(1, 10));
+    assert_eq!(
+        q.get_timeout(LONG).unwrap(),
+        (999, ByteBuf::from(vec![9u8; 10]))
+    );
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    assert_eq!(q.qsize(), 0);
+    check_queue_still_works(&q, 10);
+}
+
+#[test]
+fn consumer_killed_after_publishing_does_not_give_the_message_twice() {
+    let q: Queue<Msg> = Queue::with_limits(0, 4096).unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    q.put(msg(1, 10)).unwrap();
+    q.put(msg(2, 10)).unwrap();
+    let p = Process::new(victim_get, (q.clone(), tell.clone(), 6));
+    kill_inside(p, &tell, 6);
+    // Past its commit point the get counts: message 1 is gone with the victim.
+    assert_eq!(q.get_timeout(LONG).unwrap(), msg(2, 10));
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    assert_eq!(q.qsize(), 0);
+    // The space it handed back stays handed back: the ring fills and drains cleanly.
+    for round in 0..20 {
+        for i in 0..50 {
+            q.put_timeout(msg(round * 100 + i, 10), LONG).unwrap();
+        }
+        for i in 0..50 {
+            assert_eq!(q.get_timeout(LONG).unwrap(), msg(round * 100 + i, 10));
+        }
+    }
     check_queue_still_works(&q, 10);
 }
 

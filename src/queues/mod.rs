@@ -40,7 +40,8 @@
 //!   ([`DEFAULT_BYTE_CAPACITY`], 64 MiB, or what [`Queue::with_limits`] says). When the ring is
 //!   full, `put` waits for room (back-pressure) instead of buffering in the producer's memory
 //!   as Python does. The memory is reserved, not used: pages are only touched as the backlog
-//!   needs them, and the ring restarts at its beginning whenever it drains. A single message
+//!   needs them, and once past 4 MiB (or half the ring) a message goes back to the ring's
+//!   start whenever the backlog is small, so a queue that keeps up touches a few MiB. A single message
 //!   larger than the ring fails at `put` with [`Error::InvalidArgument`].
 //! * **`close` closes the queue for everyone**, not only for the calling process: see
 //!   [`Queue::close`].
@@ -53,14 +54,16 @@
 //! A producer or consumer killed in the middle of an operation (even by `SIGKILL`) never
 //! wedges the queue for the others, and no message is ever delivered twice:
 //! * killed inside `put`: the message is either entirely in the queue or not at all (a put
-//!   that had not returned is rolled back, or a half-copied large message is dropped);
+//!   killed before its commit point is rolled back, one killed after it counts even though it
+//!   never returned, and a half-copied large message is dropped);
 //! * killed inside `get`: the message is either still in the queue, for another consumer, or
 //!   gone with the process that took it (only if the process died after its `get` had
 //!   committed, i.e. in the last instructions before returning);
 //! * messages put by live processes are never lost.
 //!
-//! The next process to lock the queue repairs what the dead one left (the kernel tells it,
-//! through a robust mutex); blocked callers look for dead peers at least every 50 ms.
+//! Producers and consumers have a lock each (one producer and one consumer never wait for
+//! each other). The next process to take the dead one's lock repairs what it left (the kernel
+//! tells it, through a robust mutex); blocked callers look for dead peers at least every 50 ms.
 //! See `src/queues/README.md` for the mechanism.
 
 mod ring;

@@ -1,5 +1,6 @@
 //! The shared-memory ring behind every queue: a memfd holding a header and a byte ring of
-//! variable-size records, guarded by a robust process-shared mutex with an undo log. The
+//! variable-size records. Producers and consumers each have their own robust process-shared
+//! mutex with its own undo log, so one producer and one consumer never contend. The
 //! invariants are written down in `README.md` beside this file; read it before changing
 //! anything here.
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::platform::{self, Mapping, RawRobustMutex, RobustLock};
 
-const MAGIC: u64 = u64::from_le_bytes(*b"mpqring1");
+const MAGIC: u64 = u64::from_le_bytes(*b"mpqring2");
 /// Slots for operations that copy outside the main lock (one per concurrent large op).
 const NSLOTS: usize = 32;
 /// Undo-log entries; no critical section logs more than a dozen mutations.
@@ -25,12 +26,16 @@ pub(crate) const INLINE_MAX: usize = 16 * 1024;
 const NO_POS: u64 = u64::MAX;
 /// Marks a 32-bit field in an undo-log key.
 const KEY_U32: u64 = 1 << 63;
+/// Marks the entry of a critical section's publishing store (its commit point, see README).
+const KEY_PUBLISH: u64 = 1 << 62;
 /// How long a blocked caller sleeps before it looks again for dead peers (bounded recovery).
 const WAIT_SLICE: Duration = Duration::from_millis(50);
 /// How long to busy-wait before sleeping on a futex (waking an idle vCPU costs tens of µs).
 const SPIN_FOR: Duration = Duration::from_micros(200);
 /// The first part of that wait spins without yielding the CPU.
 const SPIN_ONLY_FOR: Duration = Duration::from_micros(20);
+/// CPU pauses between two looks at the peer's progress while spinning.
+const SPIN_PAUSES: u32 = 16;
 /// `try_lock` attempts (with growing pauses between them) before blocking in the kernel.
 const SPIN_LOCK: u32 = 200;
 
@@ -45,14 +50,20 @@ const READING: u32 = 5;
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TestPoint {
-    /// In `put`, holding the main lock, the message written but not committed.
+    /// In `put`, holding the put lock, the message written but not published.
     PutLocked,
-    /// In `get`, holding the main lock, the message decoded but its removal not committed.
+    /// In `get`, holding the get lock, the message decoded but its removal not committed.
     GetLocked,
     /// In `put` of a large message, its record reserved, before copying (no lock held).
     PutCopying,
     /// In `get` of a large message, its record claimed, before copying (no lock held).
     GetCopying,
+    /// In `put`, holding the put lock, just after its publishing store, before the log is
+    /// cleared (a death here must keep the message).
+    PutPublished,
+    /// In `get`, holding the get lock, just after its publishing store (space handed back),
+    /// before the log is cleared (a death here must not give the message out again).
+    GetPublished,
 }
 
 static TEST_HOOK_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -117,38 +128,53 @@ struct Fixed {
     magic: AtomicU64,
     cap: AtomicU64,
     maxsize: AtomicU64,
-    /// Non-zero for a JoinableQueue: puts count unfinished tasks.
+    /// Non-zero for a JoinableQueue: `task_done` is allowed.
     joinable: AtomicU64,
+    /// Non-zero once `close` was called (set under the put lock, never cleared).
+    closed: AtomicU64,
 }
 
-/// Fields changed only under the main lock (through the undo log); read without it as hints.
+/// Which lock a critical section holds, and so which undo log it writes. The put side owns
+/// [`PutState`], the get side [`GetState`]; each reads the other's fields only as atomics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Put,
+    Get,
+}
+
+/// Changed only under the put lock (through its undo log, except `free_seen`).
 #[repr(C)]
-struct State {
-    /// Start of the oldest record not yet reclaimed.
+struct PutState {
+    /// End of the newest record. Storing it publishes the records before it.
+    tail: AtomicU64,
+    /// Records reserved: every put that got room (READY, WRITING, or since consumed/dropped).
+    reserved: AtomicU64,
+    /// Records made READY by their put.
+    published: AtomicU64,
+    /// WRITING records dropped (their writer failed or died): reserved, never published.
+    dropped: AtomicU64,
+    /// Large puts copying outside the lock (slots whose `pos` a put set).
+    inflight: AtomicU64,
+    /// The last `free` a putter read: `free` only grows, so an old value is a safe (pessimistic)
+    /// bound, and a putter re-reads the consumers' line only when that bound says "no room".
+    free_seen: AtomicU64,
+}
+
+/// Changed only under the get lock (through its undo log).
+#[repr(C)]
+struct GetState {
+    /// Start of the oldest record not yet reclaimed. Storing it hands space back to putters.
     free: AtomicU64,
     /// No READY record lies before it.
     head: AtomicU64,
-    /// End of the newest record.
-    tail: AtomicU64,
-    /// READY records (what `qsize` reports).
-    ready: AtomicU64,
-    /// READY plus WRITING records (what a bounded queue limits).
-    queued: AtomicU64,
-    /// Items put and not yet marked done (JoinableQueue).
-    unfinished: AtomicU64,
-    /// Non-zero once `close` was called.
-    closed: AtomicU64,
-    /// Slots with an operation in flight (their `pos` is set).
+    /// Records claimed by a get.
+    taken: AtomicU64,
+    /// Claimed records made READY again (their reader died copying them).
+    returned: AtomicU64,
+    /// `task_done` calls (JoinableQueue).
+    done: AtomicU64,
+    /// Large gets copying outside the lock (slots whose `pos` a get set).
     inflight: AtomicU64,
-}
-
-/// A futex word and a "someone sleeps" flag, both changed under the main lock.
-#[repr(C)]
-struct Wake {
-    seq: AtomicU32,
-    /// Set by a caller about to sleep on `seq`; cleared by the first waker, which wakes every
-    /// sleeper at once. Later changes then make no system call until someone sleeps again.
-    sleeping: AtomicU32,
 }
 
 #[repr(C)]
@@ -160,19 +186,24 @@ struct Log {
 #[repr(C)]
 struct Slot {
     mutex: RawRobustMutex,
-    /// Position of the record its holder is copying, or `NO_POS`. Changed under the main lock.
+    /// Position of the record its holder is copying, or `NO_POS`. Changed under the lock of the
+    /// holder's side.
     pos: AtomicU64,
 }
 
 #[repr(C)]
 struct Header {
     fixed: Line<Fixed>,
-    lock: Line<RawRobustMutex>,
-    state: Line<State>,
-    items: Line<Wake>,
-    space: Line<Wake>,
-    joined: Line<Wake>,
-    log: Line<Log>,
+    put_lock: Line<RawRobustMutex>,
+    put: Line<PutState>,
+    put_log: Line<Log>,
+    get_lock: Line<RawRobustMutex>,
+    get: Line<GetState>,
+    get_log: Line<Log>,
+    /// Futex words: bit 0 = "someone sleeps on me", the bits above = a wake-up sequence.
+    items: Line<AtomicU32>,
+    space: Line<AtomicU32>,
+    joined: Line<AtomicU32>,
     slots: [Line<Slot>; NSLOTS],
 }
 
@@ -196,6 +227,24 @@ impl Wait {
         match self {
             Wait::Try => Some(Instant::now()),
             Wait::Until(d) => d,
+        }
+    }
+}
+
+/// Where a blocked caller is in its wait: first a bounded spin on lock-free hints, then sleeps
+/// armed under the lock (see README, "Waiting").
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Fresh,
+    Spun,
+    Sleep,
+}
+
+impl Phase {
+    fn next(self) -> Phase {
+        match self {
+            Phase::Fresh => Phase::Spun,
+            Phase::Spun | Phase::Sleep => Phase::Sleep,
         }
     }
 }
@@ -227,7 +276,8 @@ impl Shared {
         // SAFETY: the mapping is fresh, zero-filled, page aligned and large enough for a Header;
         // nobody else can see it before this function returns.
         unsafe {
-            RawRobustMutex::init_at(&h.lock.0 as *const RawRobustMutex as *mut _, false)?;
+            RawRobustMutex::init_at(&h.put_lock.0 as *const RawRobustMutex as *mut _, false)?;
+            RawRobustMutex::init_at(&h.get_lock.0 as *const RawRobustMutex as *mut _, false)?;
             for slot in &h.slots {
                 RawRobustMutex::init_at(&slot.0.mutex as *const RawRobustMutex as *mut _, false)?;
             }
@@ -281,13 +331,17 @@ impl Shared {
 
     fn hdr(&self) -> &Header {
         // SAFETY: the mapping is page aligned and at least HDR_BYTES long (checked at create and
-        // open); Header holds only atomics and a pthread mutex, valid for any bit pattern the
+        // open); Header holds only atomics and pthread mutexes, valid for any bit pattern the
         // protocol writes, and is shared on purpose.
         unsafe { &*(self.map.as_ptr() as *const Header) }
     }
 
-    fn st(&self) -> &State {
-        &self.hdr().state.0
+    fn ps(&self) -> &PutState {
+        &self.hdr().put.0
+    }
+
+    fn gs(&self) -> &GetState {
+        &self.hdr().get.0
     }
 
     fn ring(&self) -> *mut u8 {
@@ -337,11 +391,27 @@ impl Shared {
     }
 
     // -----------------------------------------------------------------------------------------
-    // The main lock and its undo log
+    // The two locks and their undo logs
     // -----------------------------------------------------------------------------------------
 
-    fn lock(&self, deadline: Option<Instant>) -> Result<Guard<'_>> {
-        let m = &self.hdr().lock.0;
+    fn mutex(&self, side: Side) -> &RawRobustMutex {
+        match side {
+            Side::Put => &self.hdr().put_lock.0,
+            Side::Get => &self.hdr().get_lock.0,
+        }
+    }
+
+    fn undo_log(&self, side: Side) -> &Log {
+        match side {
+            Side::Put => &self.hdr().put_log.0,
+            Side::Get => &self.hdr().get_log.0,
+        }
+    }
+
+    /// Takes one side's lock. Lock order: a thread holding the get lock never waits for the put
+    /// lock (nothing here nests them at all).
+    fn lock(&self, side: Side, deadline: Option<Instant>) -> Result<Guard<'_>> {
+        let m = self.mutex(side);
         let mut got = None;
         for i in 0..SPIN_LOCK {
             if let Some(r) = m.try_lock()? {
@@ -356,28 +426,81 @@ impl Shared {
             Some(r) => r,
             None => m.lock(deadline.map(|d| d.saturating_duration_since(Instant::now())))?,
         };
+        self.held(side, r)
+    }
+
+    /// The guard of a lock just taken with outcome `r`.
+    fn held(&self, side: Side, r: RobustLock) -> Result<Guard<'_>> {
         let g = Guard {
             s: self,
+            side,
             wake: Cell::new(0),
         };
         if r == RobustLock::OwnerDied {
-            // The previous holder died inside a critical section: undo what it half did.
-            g.rollback();
-            m.make_consistent()?;
+            // The previous holder died inside a critical section: finish or undo it.
+            g.recover();
+            self.mutex(side).make_consistent()?;
         }
         Ok(g)
     }
 
+    /// Settles a section left half done by a dead holder of `side`'s lock, if the lock is free
+    /// now: the counters then say the truth again without waiting for that side's next
+    /// operation.
+    fn heal(&self, side: Side) {
+        if let Ok(Some(r)) = self.mutex(side).try_lock() {
+            let _ = self.held(side, r);
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
-    // Ring bookkeeping (all under the main lock)
+    // Counters (each read lock-free; exact only under both locks, which nobody takes)
     // -----------------------------------------------------------------------------------------
 
-    /// Advances `free` over finished records; restarts the ring at 0 when it is empty.
-    fn reclaim(&self, g: &Guard<'_>) {
-        let st = self.st();
-        let free = st.free.load(Ordering::Relaxed);
-        let tail = st.tail.load(Ordering::Relaxed);
-        let mut f = free;
+    /// READY records, as far as the counters tell (what `qsize` says).
+    fn ready_hint(&self) -> u64 {
+        let (ps, gs) = (self.ps(), self.gs());
+        let made = ps.published.load(Ordering::Acquire) + gs.returned.load(Ordering::Acquire);
+        made.saturating_sub(gs.taken.load(Ordering::Acquire))
+    }
+
+    /// READY plus WRITING records: what a bounded queue limits.
+    fn queued(&self) -> u64 {
+        let (ps, gs) = (self.ps(), self.gs());
+        let live = ps
+            .reserved
+            .load(Ordering::Acquire)
+            .saturating_sub(ps.dropped.load(Ordering::Acquire));
+        let gone = gs
+            .taken
+            .load(Ordering::Acquire)
+            .saturating_sub(gs.returned.load(Ordering::Acquire));
+        live.saturating_sub(gone)
+    }
+
+    fn any_in_flight(&self) -> bool {
+        self.ps().inflight.load(Ordering::Acquire) != 0
+            || self.gs().inflight.load(Ordering::Acquire) != 0
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Ring bookkeeping
+    // -----------------------------------------------------------------------------------------
+
+    /// Get side: advances `free` over finished records (publishing the space to putters);
+    /// says whether it did.
+    fn reclaim(&self, g: &Guard<'_>) -> bool {
+        self.reclaim_from(g, self.gs().free.load(Ordering::Relaxed))
+    }
+
+    /// [`Shared::reclaim`], knowing that everything before `from` (at or past `free`) is
+    /// finished.
+    fn reclaim_from(&self, g: &Guard<'_>, from: u64) -> bool {
+        debug_assert_eq!(g.side, Side::Get);
+        let gs = self.gs();
+        let free = gs.free.load(Ordering::Relaxed);
+        let tail = self.ps().tail.load(Ordering::Acquire);
+        let mut f = from;
         while f < tail {
             let k = kind(self.rec_state(f).load(Ordering::Acquire));
             if k != DONE && k != PAD {
@@ -385,34 +508,47 @@ impl Shared {
             }
             f = self.next(f);
         }
-        if f >= tail {
-            if tail != 0 {
-                g.set(&st.free, 0);
-                g.set(&st.head, 0);
-                g.set(&st.tail, 0);
+        if f != free {
+            if gs.head.load(Ordering::Relaxed) < f {
+                g.set(&gs.head, f);
             }
-        } else {
-            if f != free {
-                g.set(&st.free, f);
-            }
-            if st.head.load(Ordering::Relaxed) < f {
-                g.set(&st.head, f);
+            g.publish(&gs.free, f);
+        }
+        f != free
+    }
+
+    /// Reclaims from outside any lock (after a put side dropped a record, or when a putter finds
+    /// no room): takes the get lock briefly.
+    fn reclaim_now(&self) {
+        if let Ok(g) = self.lock(Side::Get, None) {
+            let freed = self.reclaim(&g);
+            g.commit();
+            if freed {
+                g.signal(SPACE);
             }
         }
     }
 
-    /// Reserves room for a record with a `len`-byte payload; returns its position. Writes the
-    /// padding record if any (beyond `tail`, so invisible until `tail` moves).
+    /// Put side: reserves room for a record with a `len`-byte payload; returns its position.
+    /// Writes the padding record if any (beyond `tail`, so invisible until `tail` moves).
     fn reserve(&self, g: &Guard<'_>, len: u64) -> Option<u64> {
-        self.reclaim(g);
-        let st = self.st();
+        debug_assert_eq!(g.side, Side::Put);
+        let ps = self.ps();
         let maxsize = self.maxsize();
-        if maxsize != 0 && st.queued.load(Ordering::Relaxed) >= maxsize {
+        if maxsize != 0 && self.queued() >= maxsize {
             return None;
         }
-        let free = st.free.load(Ordering::Relaxed);
-        let tail = st.tail.load(Ordering::Relaxed);
-        let pad = placement(self.cap, free, tail, rec_size(len), self.soft)?;
+        let tail = ps.tail.load(Ordering::Relaxed);
+        let rec = rec_size(len);
+        let seen = ps.free_seen.load(Ordering::Relaxed);
+        let pad = match placement(self.cap, seen, tail, rec, self.soft) {
+            Some(pad) => pad,
+            None => {
+                let free = self.gs().free.load(Ordering::Acquire);
+                ps.free_seen.store(free, Ordering::Relaxed);
+                placement(self.cap, free, tail, rec, self.soft)?
+            }
+        };
         if pad > 0 {
             self.rec_len(tail)
                 .store((pad - REC_HDR) as u32, Ordering::Relaxed);
@@ -421,12 +557,11 @@ impl Shared {
         Some(tail + pad)
     }
 
-    /// Finds the first READY record from `head`; returns it and where `head` goes once it is
-    /// claimed.
+    /// Get side: finds the first READY record from `head`; returns it and where `head` goes
+    /// once it is claimed.
     fn find_ready(&self) -> Option<(u64, u64)> {
-        let st = self.st();
-        let tail = st.tail.load(Ordering::Relaxed);
-        let mut p = st.head.load(Ordering::Relaxed);
+        let tail = self.ps().tail.load(Ordering::Acquire);
+        let mut p = self.gs().head.load(Ordering::Relaxed);
         let mut first_writing = None;
         while p < tail {
             match kind(self.rec_state(p).load(Ordering::Acquire)) {
@@ -444,24 +579,35 @@ impl Shared {
         None
     }
 
-    /// Takes a free operation slot (non-blocking), repairing it first if its last holder died;
-    /// says whether it repaired (which may have changed the ring: callers recompute).
+    /// Takes a free operation slot (non-blocking), repairing it first if its last holder died
+    /// copying a record of this side; says whether it repaired (which may have changed the
+    /// ring: callers recompute). A dead holder of the other side's record is left for that side.
     fn acquire_slot(&self, g: &Guard<'_>) -> Option<(usize, bool)> {
         let start = SLOT_HINT.with(Cell::get);
         for i in 0..NSLOTS {
             let s = (start + i) % NSLOTS;
-            match self.hdr().slots[s].0.mutex.try_lock() {
-                Ok(Some(RobustLock::Acquired)) => {
+            let slot = &self.hdr().slots[s].0;
+            match slot.mutex.try_lock() {
+                Ok(Some(RobustLock::Acquired)) if slot.pos.load(Ordering::Relaxed) == NO_POS => {
                     SLOT_HINT.with(|h| h.set(s));
                     return Some((s, false));
                 }
-                Ok(Some(RobustLock::OwnerDied)) => {
-                    self.repair_slot(g, s);
-                    if self.hdr().slots[s].0.mutex.make_consistent().is_ok() {
-                        SLOT_HINT.with(|h| h.set(s));
-                        return Some((s, true));
+                Ok(Some(_)) => {
+                    // Its holder died (with or without an operation in flight).
+                    let _ = slot.mutex.make_consistent();
+                    match self.repair_slot(g, s) {
+                        Repair::Nothing | Repair::Repaired => {
+                            SLOT_HINT.with(|h| h.set(s));
+                            let repaired = slot.pos.load(Ordering::Relaxed) == NO_POS;
+                            if repaired {
+                                return Some((s, true));
+                            }
+                            let _ = slot.mutex.unlock();
+                        }
+                        Repair::OtherSide => {
+                            let _ = slot.mutex.unlock();
+                        }
                     }
-                    let _ = self.hdr().slots[s].0.mutex.unlock();
                 }
                 _ => {}
             }
@@ -469,59 +615,85 @@ impl Shared {
         None
     }
 
-    /// Slot `s`'s holder died (the caller holds both the main lock and `s`): settle the record
-    /// it was copying. A half-written message is dropped; a half-read one is made READY again
-    /// (its reader never returned it, so nobody saw it twice).
-    fn repair_slot(&self, g: &Guard<'_>, s: usize) {
+    /// Slot `s`'s holder died (the caller holds its side's lock and slot `s`): settles the
+    /// record it was copying if it belongs to the caller's side, and commits. A half-written
+    /// message is dropped; a half-read one is made READY again (its reader never returned it,
+    /// so nobody saw it twice).
+    fn repair_slot(&self, g: &Guard<'_>, s: usize) -> Repair {
         let slot = &self.hdr().slots[s].0;
         let pos = slot.pos.load(Ordering::Relaxed);
         if pos == NO_POS {
-            return;
+            return Repair::Nothing;
         }
-        let st = self.st();
         let state = self.rec_state(pos).load(Ordering::Acquire);
-        if state == in_flight(WRITING, s) {
-            g.set_rec(pos, DONE);
-            g.set(
-                &st.queued,
-                st.queued.load(Ordering::Relaxed).saturating_sub(1),
-            );
-        } else if state == in_flight(READING, s) {
-            g.set_rec(pos, READY);
-            g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
-            g.set(&st.queued, st.queued.load(Ordering::Relaxed) + 1);
-            if st.head.load(Ordering::Relaxed) > pos {
-                g.set(&st.head, pos);
+        match g.side {
+            Side::Put if state == in_flight(WRITING, s) => {
+                let ps = self.ps();
+                g.set(&ps.dropped, ps.dropped.load(Ordering::Relaxed) + 1);
+                g.slot_pos(slot, NO_POS);
+                g.publish_rec(pos, DONE);
+                g.commit();
+                g.signal(SPACE);
+            }
+            Side::Get if state == in_flight(READING, s) => {
+                let gs = self.gs();
+                g.set(&gs.returned, gs.returned.load(Ordering::Relaxed) + 1);
+                if gs.head.load(Ordering::Relaxed) > pos {
+                    g.set(&gs.head, pos);
+                }
+                g.slot_pos(slot, NO_POS);
+                g.set_rec(pos, READY);
+                g.commit();
+                g.signal(ITEMS);
+            }
+            _ if kind(state) == WRITING || kind(state) == READING => return Repair::OtherSide,
+            _ => {
+                // Not in flight any more (cannot happen while the protocol holds): forget it.
+                g.slot_pos(slot, NO_POS);
+                g.commit();
             }
         }
-        g.slot_pos(slot, NO_POS);
-        self.reclaim(g);
-        g.commit();
-        g.signal(&self.hdr().items, ITEMS);
-        g.signal(&self.hdr().space, SPACE);
+        Repair::Repaired
     }
 
-    /// Looks for in-flight operations whose process died, and settles them.
-    fn reap_dead(&self, g: &Guard<'_>) {
+    /// Looks for in-flight operations of `side` whose process died, and settles them. Takes and
+    /// releases that side's lock (the caller holds no lock).
+    fn reap_dead(&self, side: Side) {
+        let busy = match side {
+            Side::Put => &self.ps().inflight,
+            Side::Get => &self.gs().inflight,
+        };
+        if busy.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let Ok(g) = self.lock(side, None) else {
+            return;
+        };
+        let mut dropped = false;
         for s in 0..NSLOTS {
             let slot = &self.hdr().slots[s].0;
             if slot.pos.load(Ordering::Relaxed) == NO_POS {
                 continue;
             }
-            match slot.mutex.try_lock() {
-                Ok(Some(_)) => {
-                    // A live holder keeps its slot locked while `pos` is set: this one is gone.
-                    self.repair_slot(g, s);
-                    let _ = slot.mutex.make_consistent();
-                    let _ = slot.mutex.unlock();
-                }
-                _ => continue,
+            if let Ok(Some(_)) = slot.mutex.try_lock() {
+                // A live holder keeps its slot locked while `pos` is set: this one is gone.
+                let _ = slot.mutex.make_consistent();
+                dropped |= self.repair_slot(&g, s) == Repair::Repaired && side == Side::Put;
+                let _ = slot.mutex.unlock();
             }
+        }
+        drop(g);
+        if dropped {
+            self.reclaim_now();
         }
     }
 
-    fn any_in_flight(&self) -> bool {
-        self.st().inflight.load(Ordering::Acquire) != 0
+    /// Settles dead peers' operations on both sides (the caller holds no lock).
+    fn reap_all(&self) {
+        if self.any_in_flight() {
+            self.reap_dead(Side::Put);
+            self.reap_dead(Side::Get);
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -538,10 +710,14 @@ impl Shared {
             if yielding {
                 std::thread::yield_now();
             } else {
-                std::hint::spin_loop();
+                // Look at the peer's cache line rarely: every look pulls it over, and the peer
+                // then pays to pull it back for its next write.
+                for _ in 0..SPIN_PAUSES {
+                    std::hint::spin_loop();
+                }
             }
             i = i.wrapping_add(1);
-            if yielding || i % 64 == 0 {
+            if yielding || i % 8 == 0 {
                 let now = Instant::now();
                 let spent = now - start;
                 if spent >= SPIN_FOR || deadline.is_some_and(|d| now >= d) {
@@ -552,11 +728,17 @@ impl Shared {
         }
     }
 
-    /// Sleeps on `w` (the caller holds the main lock `g`, found it cannot proceed, and has
-    /// already spun): registers as a waiter under the lock, so that whoever changes the state
-    /// next sees it, then sleeps at most one slice. Returns false once the deadline passed.
-    fn sleep(&self, g: Guard<'_>, w: &Line<Wake>, deadline: Option<Instant>) -> bool {
-        let w = &w.0;
+    /// Announces a sleeper on `w`; returns the futex value to sleep on. The caller then checks
+    /// (for real, under its lock) whether it can proceed, and sleeps only if not.
+    fn arm(w: &Line<AtomicU32>) -> u32 {
+        let armed = w.0.fetch_or(1, Ordering::SeqCst) | 1;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        armed
+    }
+
+    /// Sleeps on `w` while it still holds `armed`, at most one slice (dead peers are looked for
+    /// between slices). Returns false once the deadline passed.
+    fn sleep(w: &Line<AtomicU32>, armed: u32, deadline: Option<Instant>) -> bool {
         let slice = match deadline {
             None => WAIT_SLICE,
             Some(d) => d.saturating_duration_since(Instant::now()).min(WAIT_SLICE),
@@ -564,28 +746,25 @@ impl Shared {
         if slice.is_zero() {
             return false;
         }
-        w.sleeping.store(1, Ordering::Relaxed);
-        let seen = w.seq.load(Ordering::Relaxed);
-        drop(g);
-        platform::futex_wait(&w.seq, seen, Some(slice));
+        platform::futex_wait(&w.0, armed, Some(slice));
         true
     }
 
     fn closed(&self) -> bool {
-        self.st().closed.load(Ordering::Acquire) != 0
+        self.hdr().fixed.0.closed.load(Ordering::Acquire) != 0
     }
 
     /// A lock-free guess whether a record of `rec` bytes would fit now.
     fn space_hint(&self, rec: u64) -> bool {
-        let st = self.st();
         let maxsize = self.maxsize();
-        if maxsize != 0 && st.queued.load(Ordering::Relaxed) >= maxsize {
+        if maxsize != 0 && self.queued() >= maxsize {
             return false;
         }
-        let used = st
+        let used = self
+            .ps()
             .tail
             .load(Ordering::Relaxed)
-            .saturating_sub(st.free.load(Ordering::Relaxed));
+            .saturating_sub(self.gs().free.load(Ordering::Relaxed));
         used + rec <= self.cap
     }
 
@@ -609,15 +788,19 @@ impl Shared {
         }
         let deadline = wait.deadline();
         let mut write = Some(write);
-        let mut spun = false;
+        let mut phase = Phase::Fresh;
         loop {
             if self.closed() {
                 return Err(Error::Closed);
             }
-            let g = self.lock(deadline).map_err(timeout_to(Error::Full))?;
+            let g = self
+                .lock(Side::Put, deadline)
+                .map_err(timeout_to(Error::Full))?;
+            // Checked under the put lock, which `close` takes: no put lands after a close.
             if self.closed() {
                 return Err(Error::Closed);
             }
+            let armed = (phase == Phase::Sleep).then(|| Shared::arm(&self.hdr().space));
             // The slot first: repairing a dead holder's slot may move the ring's positions.
             let slot = if len > INLINE_MAX {
                 self.acquire_slot(&g).map(|(s, _)| s)
@@ -634,22 +817,22 @@ impl Shared {
             if let Some(s) = slot {
                 let _ = self.hdr().slots[s].0.mutex.unlock();
             }
-            if self.any_in_flight() {
-                self.reap_dead(&g);
-            }
+            drop(g);
             if matches!(wait, Wait::Try) {
                 return Err(Error::Full);
             }
-            if !spun {
-                drop(g);
-                self.spin(deadline, || self.closed() || self.space_hint(rec));
-                spun = true;
-            } else {
-                spun = false;
-                if !self.sleep(g, &self.hdr().space, deadline) {
-                    return Err(Error::Full);
+            match armed {
+                None => self.spin(deadline, || self.closed() || self.space_hint(rec)),
+                Some(armed) => {
+                    // Records dropped by failed or dead writers may hold the space.
+                    self.reap_all();
+                    self.reclaim_now();
+                    if !Shared::sleep(&self.hdr().space, armed, deadline) {
+                        return Err(Error::Full);
+                    }
                 }
             }
+            phase = phase.next();
         }
     }
 
@@ -666,16 +849,14 @@ impl Shared {
         }
         self.rec_len(pos).store(len as u32, Ordering::Relaxed);
         self.rec_state(pos).store(READY, Ordering::Release);
-        let st = self.st();
-        g.set(&st.tail, pos + rec_size(len as u64));
-        g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
-        g.set(&st.queued, st.queued.load(Ordering::Relaxed) + 1);
-        if self.joinable() {
-            g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
-        }
+        let ps = self.ps();
+        g.set(&ps.reserved, ps.reserved.load(Ordering::Relaxed) + 1);
+        g.set(&ps.published, ps.published.load(Ordering::Relaxed) + 1);
         test_point(TestPoint::PutLocked);
+        g.publish(&ps.tail, pos + rec_size(len as u64));
+        test_point(TestPoint::PutPublished);
         g.commit();
-        g.signal(&self.hdr().items, ITEMS);
+        g.signal(ITEMS);
         drop(g);
         Ok(())
     }
@@ -684,18 +865,19 @@ impl Shared {
     where
         F: FnOnce(&mut [u8]) -> Result<usize>,
     {
-        let st = self.st();
+        let ps = self.ps();
         let slot = &self.hdr().slots[s].0;
         self.rec_len(pos).store(len as u32, Ordering::Relaxed);
         self.rec_state(pos)
             .store(in_flight(WRITING, s), Ordering::Release);
         g.slot_pos(slot, pos);
-        g.set(&st.tail, pos + rec_size(len as u64));
-        g.set(&st.queued, st.queued.load(Ordering::Relaxed) + 1);
+        g.set(&ps.reserved, ps.reserved.load(Ordering::Relaxed) + 1);
+        g.publish(&ps.tail, pos + rec_size(len as u64));
         g.commit();
         drop(g);
         let op = SlotOp {
             s: self,
+            side: Side::Put,
             slot: s,
             pos,
             done: false,
@@ -710,14 +892,11 @@ impl Shared {
             return Err(size_changed(len, n));
         }
         let g = op.finish_lock()?;
-        g.set_rec(pos, READY);
-        g.set(&st.ready, st.ready.load(Ordering::Relaxed) + 1);
-        if self.joinable() {
-            g.set(&st.unfinished, st.unfinished.load(Ordering::Relaxed) + 1);
-        }
+        g.set(&ps.published, ps.published.load(Ordering::Relaxed) + 1);
         g.slot_pos(slot, NO_POS);
+        g.publish_rec(pos, READY);
         g.commit();
-        g.signal(&self.hdr().items, ITEMS);
+        g.signal(ITEMS);
         drop(g);
         op.release();
         Ok(())
@@ -731,37 +910,34 @@ impl Shared {
         F: FnOnce(&[u8]) -> Result<R>,
     {
         let mut wait = wait;
-        let st = self.st();
         let mut read = Some(read);
-        let mut spun = false;
+        let mut phase = Phase::Fresh;
         loop {
             let deadline = wait.deadline();
-            if st.ready.load(Ordering::Acquire) == 0 && !self.any_in_flight() {
-                // Nothing to take and nothing in flight: no need for the lock yet.
+            if phase != Phase::Sleep && self.ready_hint() == 0 {
+                // Nothing to take by the counters: no need for the lock yet.
                 if self.drained() {
                     return Err(Error::Closed);
                 }
                 if matches!(wait, Wait::Try) {
                     return Err(Error::Empty);
                 }
-                if !spun {
-                    self.spin(deadline, || {
-                        st.ready.load(Ordering::Acquire) > 0 || self.closed()
-                    });
-                    spun = true;
+                if phase == Phase::Fresh {
+                    self.spin(deadline, || self.ready_hint() > 0 || self.closed());
+                    phase = Phase::Spun;
                     continue;
                 }
+                phase = Phase::Sleep;
             }
-            let g = self.lock(deadline).map_err(timeout_to(Error::Empty))?;
-            if st.ready.load(Ordering::Relaxed) == 0 && self.any_in_flight() {
-                self.reap_dead(&g);
+            if phase == Phase::Sleep {
+                // Dead peers' operations may be what holds the messages back.
+                self.reap_all();
             }
-            let found = if st.ready.load(Ordering::Relaxed) > 0 {
-                self.find_ready()
-            } else {
-                None
-            };
-            if let Some((mut pos, mut head)) = found {
+            let g = self
+                .lock(Side::Get, deadline)
+                .map_err(timeout_to(Error::Empty))?;
+            let armed = (phase == Phase::Sleep).then(|| Shared::arm(&self.hdr().items));
+            if let Some((mut pos, mut head)) = self.find_ready() {
                 let mut len = self.checked_len(pos)?;
                 let mut slot = None;
                 if len > INLINE_MAX {
@@ -783,56 +959,81 @@ impl Shared {
                     Some(s) => self.get_outside(g, pos, head, len, s, read),
                 };
             }
+            drop(g);
+            if self.ready_hint() > 0 {
+                // The counters promise a message the ring does not hold: a putter may have
+                // died before publishing it (or is publishing it right now).
+                self.heal(Side::Put);
+            }
             if self.drained() {
                 return Err(Error::Closed);
             }
             if matches!(wait, Wait::Try) {
                 return Err(Error::Empty);
             }
-            if !spun {
-                drop(g);
-                self.spin(deadline, || {
-                    st.ready.load(Ordering::Acquire) > 0 || self.closed()
-                });
-                spun = true;
-            } else {
-                spun = false;
-                if !self.sleep(g, &self.hdr().items, deadline) {
-                    // Out of time: one last look without waiting.
-                    wait = Wait::Try;
+            match armed {
+                None => {
+                    self.spin(deadline, || self.ready_hint() > 0 || self.closed());
+                    phase = phase.next();
+                }
+                Some(armed) => {
+                    if !Shared::sleep(&self.hdr().items, armed, deadline) {
+                        // Out of time: one last look without waiting.
+                        wait = Wait::Try;
+                        phase = Phase::Spun;
+                    }
                 }
             }
         }
     }
 
-    /// Closed, and nothing left nor being written.
+    /// Closed, and nothing left nor being written. The caller holds no lock.
     fn drained(&self) -> bool {
-        self.closed() && self.st().queued.load(Ordering::Acquire) == 0
+        if !self.closed() {
+            return false;
+        }
+        if self.queued() == 0 {
+            return true;
+        }
+        // A count left behind by a peer that died mid-section would keep the queue from ever
+        // looking drained: settle such sections first.
+        self.heal(Side::Put);
+        self.heal(Side::Get);
+        self.queued() == 0
     }
 
     fn claim(&self, g: &Guard<'_>, pos: u64, head: u64, state: u32) {
-        let st = self.st();
+        let gs = self.gs();
         g.set_rec(pos, state);
-        g.set(&st.head, head);
-        g.set(&st.ready, st.ready.load(Ordering::Relaxed) - 1);
-        g.set(
-            &st.queued,
-            st.queued.load(Ordering::Relaxed).saturating_sub(1),
-        );
+        g.set(&gs.head, head);
+        g.set(&gs.taken, gs.taken.load(Ordering::Relaxed) + 1);
     }
 
     fn get_inline<R, F>(&self, g: Guard<'_>, pos: u64, head: u64, len: usize, read: F) -> Result<R>
     where
         F: FnOnce(&[u8]) -> Result<R>,
     {
-        // SAFETY: the record is READY and we hold the main lock: nobody changes it meanwhile.
+        // SAFETY: the record is READY and we hold the get lock: no other getter claims it, and
+        // putters never touch records below `tail`.
         let buf = unsafe { std::slice::from_raw_parts(self.payload(pos, len), len) };
         let r = read(buf);
-        self.claim(&g, pos, head, DONE);
-        self.reclaim(&g);
-        test_point(TestPoint::GetLocked);
+        let gs = self.gs();
+        if pos == gs.free.load(Ordering::Relaxed) {
+            // The oldest record: reclaimed at once (`free` moves past it), so its state word
+            // need not be written. Not writing it keeps the record's cache line clean for the
+            // putter, which is writing the next records into that same line.
+            g.set(&gs.head, head);
+            g.set(&gs.taken, gs.taken.load(Ordering::Relaxed) + 1);
+            test_point(TestPoint::GetLocked);
+            self.reclaim_from(&g, self.next(pos));
+            test_point(TestPoint::GetPublished);
+        } else {
+            self.claim(&g, pos, head, DONE);
+            test_point(TestPoint::GetLocked);
+            self.reclaim(&g);
+        }
         g.commit();
-        g.signal(&self.hdr().space, SPACE);
+        g.signal(SPACE);
         drop(g);
         r
     }
@@ -853,10 +1054,11 @@ impl Shared {
         self.claim(&g, pos, head, in_flight(READING, s));
         g.slot_pos(slot, pos);
         g.commit();
-        g.signal(&self.hdr().space, SPACE);
+        g.signal(SPACE);
         drop(g);
         let op = SlotOp {
             s: self,
+            side: Side::Get,
             slot: s,
             pos,
             done: false,
@@ -867,22 +1069,21 @@ impl Shared {
         let buf = unsafe { std::slice::from_raw_parts(self.payload(pos, len), len) };
         let r = read(buf);
         let g = op.finish_lock()?;
-        g.set_rec(pos, DONE);
         g.slot_pos(slot, NO_POS);
+        g.set_rec(pos, DONE);
         self.reclaim(&g);
         g.commit();
-        g.signal(&self.hdr().space, SPACE);
+        g.signal(SPACE);
         drop(g);
         op.release();
         r
     }
 
     /// Refuses further puts; wakes every blocked caller (see the queue docs for what each
-    /// then gets).
+    /// then gets). Taken under the put lock, so every put either landed before it or fails.
     pub(crate) fn close(&self) -> Result<()> {
-        let g = self.lock(None)?;
-        g.set(&self.st().closed, 1);
-        g.commit();
+        let g = self.lock(Side::Put, None)?;
+        self.hdr().fixed.0.closed.store(1, Ordering::SeqCst);
         g.signal_all();
         drop(g);
         Ok(())
@@ -894,7 +1095,9 @@ impl Shared {
 
     /// READY records: messages that a `get` would find now.
     pub(crate) fn qsize(&self) -> usize {
-        self.st().ready.load(Ordering::Acquire) as usize
+        self.heal(Side::Put);
+        self.heal(Side::Get);
+        self.ready_hint() as usize
     }
 
     /// Whether a put would have to wait now (count limit reached, or the ring has no room for
@@ -905,23 +1108,28 @@ impl Shared {
 
     /// Items put and not yet marked done.
     pub(crate) fn unfinished(&self) -> u64 {
-        self.st().unfinished.load(Ordering::Acquire)
+        self.ps()
+            .published
+            .load(Ordering::Acquire)
+            .saturating_sub(self.gs().done.load(Ordering::Acquire))
     }
 
     /// One `task_done`: fails if there is no unfinished item.
     pub(crate) fn task_done(&self) -> Result<()> {
-        let g = self.lock(None)?;
-        let st = self.st();
-        let u = st.unfinished.load(Ordering::Relaxed);
-        if u == 0 {
+        debug_assert!(self.joinable());
+        let g = self.lock(Side::Get, None)?;
+        let gs = self.gs();
+        let done = gs.done.load(Ordering::Relaxed);
+        let put = self.ps().published.load(Ordering::Acquire);
+        if done >= put {
             return Err(Error::state(
                 "task_done() called more times than there were items put",
             ));
         }
-        g.set(&st.unfinished, u - 1);
+        g.publish(&gs.done, done + 1);
         g.commit();
-        if u == 1 {
-            g.signal(&self.hdr().joined, JOINED);
+        if done + 1 == put {
+            g.signal(JOINED);
         }
         drop(g);
         Ok(())
@@ -943,12 +1151,11 @@ impl Shared {
                 spun = true;
                 continue;
             }
-            spun = false;
-            let g = self.lock(deadline)?;
+            let armed = Shared::arm(&self.hdr().joined);
             if self.unfinished() == 0 {
                 return Ok(());
             }
-            if !self.sleep(g, &self.hdr().joined, deadline) {
+            if !Shared::sleep(&self.hdr().joined, armed, deadline) {
                 return if self.unfinished() == 0 {
                     Ok(())
                 } else {
@@ -957,6 +1164,17 @@ impl Shared {
             }
         }
     }
+}
+
+/// What [`Shared::repair_slot`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repair {
+    /// The slot had no operation in flight.
+    Nothing,
+    /// The dead holder's record was settled (and the slot's `pos` cleared).
+    Repaired,
+    /// The record belongs to the other side: left for it.
+    OtherSide,
 }
 
 fn timeout_to(e: Error) -> impl FnOnce(Error) -> Error {
@@ -972,12 +1190,15 @@ fn size_changed(len: usize, n: usize) -> Error {
     ))
 }
 
-/// The main lock, held. Every change to shared state made while holding it goes through
-/// [`Guard::set`] / [`Guard::set_rec`], which log the old value first; [`Guard::commit`]
-/// forgets the log. Dropping the guard without committing (an error or a panic) undoes the
-/// changes, and so does the next locker if the holder died.
+/// One side's lock, held. Every change to shared state made while holding it goes through
+/// [`Guard::set`] / [`Guard::set_rec`] (logged: undone if the section does not finish) and at
+/// most one final [`Guard::publish`] / [`Guard::publish_rec`] (the section's commit point: once
+/// it is stored the other side may act on it, so a section that got that far is kept, never
+/// undone). [`Guard::commit`] forgets the log. Dropping the guard without committing (an error
+/// or a panic) undoes the changes, and so does the next locker if the holder died.
 struct Guard<'a> {
     s: &'a Shared,
+    side: Side,
     /// Futexes to wake once the lock is released (`ITEMS`, `SPACE`, `JOINED` bits).
     wake: Cell<u8>,
 }
@@ -987,36 +1208,35 @@ const SPACE: u8 = 2;
 const JOINED: u8 = 4;
 
 impl Guard<'_> {
-    /// After a change others may wait for: if someone sleeps on `w` (sleepers announce it
-    /// under this lock, so none is missed), bumps its sequence now and wakes them all after
-    /// unlock.
-    fn signal(&self, w: &Line<Wake>, bit: u8) {
-        if w.0.sleeping.load(Ordering::Relaxed) != 0 {
-            w.0.sleeping.store(0, Ordering::Relaxed);
-            w.0.seq.fetch_add(1, Ordering::Relaxed);
-            self.wake.set(self.wake.get() | bit);
-        }
+    /// After a published change others may wait for: asks to wake `w`'s sleepers, if any,
+    /// once the lock is released (see [`Guard::drop`]).
+    fn signal(&self, bit: u8) {
+        self.wake.set(self.wake.get() | bit);
     }
 
-    /// Wakes everyone, registered or not (for `close`).
+    /// Wakes everyone, armed or not (for `close`).
     fn signal_all(&self) {
         let h = self.s.hdr();
         for w in [&h.items, &h.space, &h.joined] {
-            w.0.sleeping.store(0, Ordering::Relaxed);
-            w.0.seq.fetch_add(1, Ordering::Relaxed);
+            let _ = w.0.fetch_update(Ordering::SeqCst, Ordering::Relaxed, |v| {
+                Some((v & !1).wrapping_add(2))
+            });
+            platform::futex_wake(&w.0, u32::MAX);
         }
-        self.wake.set(ITEMS | SPACE | JOINED);
     }
 
-    /// Sets a slot's in-flight position, keeping the `inflight` count.
+    /// Sets a slot's in-flight position, keeping this side's `inflight` count.
     fn slot_pos(&self, slot: &Slot, pos: u64) {
-        let st = self.s.st();
+        let count = match self.side {
+            Side::Put => &self.s.ps().inflight,
+            Side::Get => &self.s.gs().inflight,
+        };
         let was = slot.pos.load(Ordering::Relaxed) != NO_POS;
         let now = pos != NO_POS;
         self.set(&slot.pos, pos);
         if was != now {
-            let n = st.inflight.load(Ordering::Relaxed);
-            self.set(&st.inflight, if now { n + 1 } else { n.saturating_sub(1) });
+            let n = count.load(Ordering::Relaxed);
+            self.set(count, if now { n + 1 } else { n.saturating_sub(1) });
         }
     }
 
@@ -1026,7 +1246,7 @@ impl Guard<'_> {
     }
 
     fn log(&self, key: u64, old: u64) {
-        let l = &self.s.hdr().log.0;
+        let l = self.s.undo_log(self.side);
         let n = l.len.load(Ordering::Relaxed) as usize;
         assert!(n < LOG_CAP, "queue undo log overflow");
         l.entries[n][0].store(key, Ordering::Relaxed);
@@ -1051,67 +1271,157 @@ impl Guard<'_> {
         w.store(v, Ordering::Release);
     }
 
+    /// The section's last store, visible to the other side (see [`Guard`]).
+    fn publish(&self, field: &AtomicU64, v: u64) {
+        let old = field.load(Ordering::Relaxed);
+        debug_assert_ne!(old, v, "a publishing store must change its field");
+        self.log(
+            self.key_of(field as *const AtomicU64 as *const u8, false) | KEY_PUBLISH,
+            old,
+        );
+        field.store(v, Ordering::Release);
+    }
+
+    /// [`Guard::publish`] for a record's state word.
+    fn publish_rec(&self, pos: u64, v: u32) {
+        let w = self.s.rec_state(pos);
+        let old = w.load(Ordering::Relaxed);
+        debug_assert_ne!(old, v, "a publishing store must change its field");
+        self.log(
+            self.key_of(w as *const AtomicU32 as *const u8, true) | KEY_PUBLISH,
+            old as u64,
+        );
+        w.store(v, Ordering::Release);
+    }
+
     fn commit(&self) {
-        self.s.hdr().log.0.len.store(0, Ordering::Release);
+        self.s.undo_log(self.side).len.store(0, Ordering::Release);
+    }
+
+    /// The word an undo-log key names, if it lies inside the mapping and is aligned.
+    fn entry_word(&self, key: u64) -> Option<Word<'_>> {
+        let base = self.s.map.as_ptr();
+        let size = self.s.map.len();
+        let off = (key & !(KEY_U32 | KEY_PUBLISH)) as usize;
+        if key & KEY_U32 != 0 {
+            // SAFETY: in bounds and aligned (checked); shared words are atomics.
+            (off % 4 == 0 && off + 4 <= size)
+                .then(|| Word::W32(unsafe { &*(base.add(off) as *const AtomicU32) }))
+        } else {
+            // SAFETY: in bounds and aligned (checked); shared words are atomics.
+            (off % 8 == 0 && off + 8 <= size)
+                .then(|| Word::W64(unsafe { &*(base.add(off) as *const AtomicU64) }))
+        }
+    }
+
+    /// After the holder died: if the section got as far as its publishing store, keeps it
+    /// (the other side may already have acted on it); otherwise undoes it.
+    fn recover(&self) {
+        let l = self.s.undo_log(self.side);
+        let n = (l.len.load(Ordering::Acquire) as usize).min(LOG_CAP);
+        let published = l.entries[..n].iter().any(|e| {
+            let key = e[0].load(Ordering::Relaxed);
+            let old = e[1].load(Ordering::Relaxed);
+            key & KEY_PUBLISH != 0 && self.entry_word(key).is_some_and(|w| w.get() != old)
+        });
+        if published {
+            self.commit();
+        } else {
+            self.rollback();
+        }
     }
 
     fn rollback(&self) {
-        let l = &self.s.hdr().log.0;
+        let l = self.s.undo_log(self.side);
         let n = (l.len.load(Ordering::Acquire) as usize).min(LOG_CAP);
-        let base = self.s.map.as_ptr();
-        let size = self.s.map.len();
         for e in l.entries[..n].iter().rev() {
             let key = e[0].load(Ordering::Relaxed);
             let old = e[1].load(Ordering::Relaxed);
-            let off = (key & !KEY_U32) as usize;
-            if key & KEY_U32 != 0 {
-                if off % 4 == 0 && off + 4 <= size {
-                    // SAFETY: in bounds and aligned (checked); shared words are atomics.
-                    let w = unsafe { &*(base.add(off) as *const AtomicU32) };
-                    w.store(old as u32, Ordering::Release);
-                }
-            } else if off % 8 == 0 && off + 8 <= size {
-                // SAFETY: in bounds and aligned (checked); shared words are atomics.
-                let w = unsafe { &*(base.add(off) as *const AtomicU64) };
-                w.store(old, Ordering::Release);
+            if let Some(w) = self.entry_word(key) {
+                w.set(old);
             }
         }
         l.len.store(0, Ordering::Release);
     }
 }
 
+/// A shared word named by an undo-log entry.
+enum Word<'a> {
+    W32(&'a AtomicU32),
+    W64(&'a AtomicU64),
+}
+
+impl Word<'_> {
+    fn get(&self) -> u64 {
+        match self {
+            Word::W32(w) => w.load(Ordering::Acquire) as u64,
+            Word::W64(w) => w.load(Ordering::Acquire),
+        }
+    }
+    fn set(&self, v: u64) {
+        match self {
+            Word::W32(w) => w.store(v as u32, Ordering::Release),
+            Word::W64(w) => w.store(v, Ordering::Release),
+        }
+    }
+}
+
 impl Drop for Guard<'_> {
     fn drop(&mut self) {
+        // Committed sections left an empty log: nothing to undo.
         self.rollback();
-        let _ = self.s.hdr().lock.0.unlock();
+        let _ = self.s.mutex(self.side).unlock();
         let wake = self.wake.get();
-        if wake != 0 {
-            let h = self.s.hdr();
-            for (bit, w) in [(ITEMS, &h.items), (SPACE, &h.space), (JOINED, &h.joined)] {
-                if wake & bit != 0 {
-                    platform::futex_wake(&w.0.seq, u32::MAX);
+        if wake == 0 {
+            return;
+        }
+        // Dekker with the sleepers (`Shared::arm`, then their check): the published store is
+        // before this fence, their arming before their check, so either they see the change or
+        // this sees them armed. The unlock above already drained the store buffer, which makes
+        // the fence cheap.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let h = self.s.hdr();
+        for (bit, w) in [(ITEMS, &h.items), (SPACE, &h.space), (JOINED, &h.joined)] {
+            if wake & bit == 0 {
+                continue;
+            }
+            let w = &w.0;
+            let mut v = w.load(Ordering::Relaxed);
+            while v & 1 != 0 {
+                match w.compare_exchange_weak(
+                    v,
+                    (v & !1).wrapping_add(2),
+                    Ordering::SeqCst,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        platform::futex_wake(w, u32::MAX);
+                        break;
+                    }
+                    Err(now) => v = now,
                 }
             }
         }
     }
 }
 
-/// An operation copying outside the main lock while holding slot `slot`. Dropped without
+/// An operation copying outside the locks while holding slot `slot`. Dropped without
 /// [`SlotOp::release`] (an error or a panic while copying), it settles the record: a put's
 /// record is dropped, a get's record is consumed.
 struct SlotOp<'a> {
     s: &'a Shared,
+    side: Side,
     slot: usize,
     pos: u64,
     done: bool,
 }
 
 impl<'a> SlotOp<'a> {
-    /// Takes the main lock to finish the operation. Waits without a deadline: the lock is only
-    /// ever held briefly, and a dead holder hands it over at once. Fails only if the lock is
-    /// unusable (then the whole queue is).
+    /// Takes this side's lock to finish the operation. Waits without a deadline: the lock is
+    /// only ever held briefly, and a dead holder hands it over at once. Fails only if the lock
+    /// is unusable (then the whole queue is).
     fn finish_lock(&self) -> Result<Guard<'a>> {
-        self.s.lock(None)
+        self.s.lock(self.side, None)
     }
 
     fn release(mut self) {
@@ -1126,25 +1436,33 @@ impl Drop for SlotOp<'_> {
             return;
         }
         let s = self.s;
-        let st = s.st();
+        let slot = &s.hdr().slots[self.slot].0;
         let Ok(g) = self.finish_lock() else {
-            let _ = s.hdr().slots[self.slot].0.mutex.unlock();
+            let _ = slot.mutex.unlock();
             return;
         };
-        let state = s.rec_state(self.pos).load(Ordering::Acquire);
-        if state == in_flight(WRITING, self.slot) {
-            g.set(
-                &st.queued,
-                st.queued.load(Ordering::Relaxed).saturating_sub(1),
-            );
+        g.slot_pos(slot, NO_POS);
+        match self.side {
+            Side::Put => {
+                // The message was never complete: drop it (its put fails).
+                let ps = s.ps();
+                g.set(&ps.dropped, ps.dropped.load(Ordering::Relaxed) + 1);
+                g.publish_rec(self.pos, DONE);
+                g.commit();
+            }
+            Side::Get => {
+                // Its reader failed: consumed all the same.
+                g.set_rec(self.pos, DONE);
+                s.reclaim(&g);
+                g.commit();
+            }
         }
-        g.set_rec(self.pos, DONE);
-        g.slot_pos(&s.hdr().slots[self.slot].0, NO_POS);
-        s.reclaim(&g);
-        g.commit();
-        g.signal(&s.hdr().space, SPACE);
+        g.signal(SPACE);
         drop(g);
-        let _ = s.hdr().slots[self.slot].0.mutex.unlock();
+        let _ = slot.mutex.unlock();
+        if self.side == Side::Put {
+            s.reclaim_now();
+        }
     }
 }
 
@@ -1211,9 +1529,15 @@ mod tests {
                 s.get(|b| Ok(b.len()), Wait::Try),
                 Err(Error::Empty)
             ));
-            // Drained: the ring restarts at 0.
-            assert_eq!(s.st().tail.load(Ordering::Relaxed), 0);
+            // Drained: every record reclaimed.
+            assert_eq!(
+                s.gs().free.load(Ordering::Relaxed),
+                s.ps().tail.load(Ordering::Relaxed)
+            );
         }
+        // Positions only grow, but records wrap early once past the soft limit with a small
+        // backlog: the ring keeps reusing its first half.
+        assert!(s.ps().tail.load(Ordering::Relaxed) > s.cap);
     }
 
     #[test]
@@ -1247,10 +1571,11 @@ mod tests {
         let r = s.put(big, |_| Err(Error::Encode("no".into())), Wait::Try);
         assert!(matches!(r, Err(Error::Encode(_))));
         assert_eq!(s.qsize(), 0);
-        assert_eq!(s.st().queued.load(Ordering::Relaxed), 0);
+        assert_eq!(s.queued(), 0);
+        assert!(!s.any_in_flight());
         assert_eq!(
-            s.st().tail.load(Ordering::Relaxed),
-            0,
+            s.gs().free.load(Ordering::Relaxed),
+            s.ps().tail.load(Ordering::Relaxed),
             "the dropped record was reclaimed"
         );
     }
@@ -1259,12 +1584,31 @@ mod tests {
     fn rollback_undoes_uncommitted_changes() {
         let s = Shared::create(4096, 0, false).unwrap();
         {
-            let g = s.lock(None).unwrap();
-            g.set(&s.st().ready, 42);
+            let g = s.lock(Side::Get, None).unwrap();
+            g.set(&s.gs().taken, 42);
             g.set_rec(0, READY);
             // dropped without commit
         }
-        assert_eq!(s.st().ready.load(Ordering::Relaxed), 0);
+        assert_eq!(s.gs().taken.load(Ordering::Relaxed), 0);
         assert_eq!(s.rec_state(0).load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn recovery_keeps_a_published_section_and_undoes_an_unpublished_one() {
+        let s = Shared::create(4096, 0, false).unwrap();
+        // A section cut short before its publishing store: undone.
+        let g = s.lock(Side::Put, None).unwrap();
+        g.set(&s.ps().reserved, 7);
+        g.recover();
+        assert_eq!(s.ps().reserved.load(Ordering::Relaxed), 0);
+        // A section cut short after it: kept (the other side may have seen it).
+        g.set(&s.ps().reserved, 7);
+        g.publish(&s.ps().tail, 64);
+        g.recover();
+        assert_eq!(s.ps().reserved.load(Ordering::Relaxed), 7);
+        assert_eq!(s.ps().tail.load(Ordering::Relaxed), 64);
+        assert_eq!(s.undo_log(Side::Put).len.load(Ordering::Relaxed), 0);
+        std::mem::forget(g);
+        let _ = s.mutex(Side::Put).unlock();
     }
 }
