@@ -540,7 +540,13 @@ impl Shared {
         }
         let tail = ps.tail.load(Ordering::Relaxed);
         let rec = rec_size(len);
-        let seen = ps.free_seen.load(Ordering::Relaxed);
+        let mut seen = ps.free_seen.load(Ordering::Relaxed);
+        if tail % self.cap >= self.soft {
+            // Past the soft limit the true `free` decides whether to wrap early: a stale one
+            // would walk the whole ring (touching every page) instead of reusing its start.
+            seen = self.gs().free.load(Ordering::Acquire);
+            ps.free_seen.store(seen, Ordering::Relaxed);
+        }
         let pad = match placement(self.cap, seen, tail, rec, self.soft) {
             Some(pad) => pad,
             None => {
@@ -1538,6 +1544,29 @@ mod tests {
         // Positions only grow, but records wrap early once past the soft limit with a small
         // backlog: the ring keeps reusing its first half.
         assert!(s.ps().tail.load(Ordering::Relaxed) > s.cap);
+    }
+
+    #[test]
+    fn a_queue_that_keeps_up_reuses_the_start_of_its_ring() {
+        let s = Shared::create(1 << 20, 0, false).unwrap();
+        let mut high = 0;
+        for i in 0..200_000u32 {
+            s.put(
+                4,
+                |b| {
+                    b.copy_from_slice(&i.to_le_bytes());
+                    Ok(4)
+                },
+                Wait::Try,
+            )
+            .unwrap();
+            high = high.max(s.ps().tail.load(Ordering::Relaxed) % s.cap);
+            let v = s.get(|b| Ok(b.to_vec()), Wait::Try).unwrap();
+            assert_eq!(v, i.to_le_bytes());
+        }
+        // Memory touched stays near the soft limit, not the whole ring.
+        assert!(s.ps().tail.load(Ordering::Relaxed) > 2 * s.cap);
+        assert!(high <= s.soft + 64, "touched up to {high} of {}", s.cap);
     }
 
     #[test]
