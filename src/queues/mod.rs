@@ -41,7 +41,7 @@
 //!   full, `put` waits for room (back-pressure) instead of buffering in the producer's memory
 //!   as Python does. The memory is reserved, not used: pages are only touched as the backlog
 //!   needs them, and once past 4 MiB (or half the ring) a message goes back to the ring's
-//!   start whenever the backlog is small, so a queue that keeps up touches a few MiB. A single message
+//!   start whenever the queue is empty, so a queue that keeps up touches a few MiB. A single message
 //!   larger than the ring fails at `put` with [`Error::InvalidArgument`].
 //! * **`close` closes the queue for everyone**, not only for the calling process: see
 //!   [`Queue::close`].
@@ -148,12 +148,15 @@ impl<T: Serialize + DeserializeOwned> Queue<T> {
         Queue::bounded(maxsize)
     }
 
-    /// A queue holding at most `maxsize` messages (`0`: no limit) in a ring of `bytes` bytes
-    /// (each message takes its serialized size plus 8, rounded up to 8; the largest message
-    /// the queue accepts is `bytes - 8`).
+    /// A queue holding at most `maxsize` messages (`0`: no limit) in a ring of `bytes` bytes,
+    /// rounded up to a power of two (at least 256, at most 2 GiB). Each message takes its
+    /// serialized size plus 8, rounded up to 8; the largest message the queue accepts is
+    /// [`byte_capacity`](Queue::byte_capacity)` - 8`.
     ///
     /// ```
     /// let q = multiproc::Queue::<u8>::with_limits(0, 4096).unwrap();
+    /// assert_eq!(q.byte_capacity(), 4096);
+    /// let q = multiproc::Queue::<u8>::with_limits(0, 3000).unwrap();
     /// assert_eq!(q.byte_capacity(), 4096);
     /// ```
     pub fn with_limits(maxsize: usize, bytes: usize) -> Result<Queue<T>> {

@@ -99,19 +99,22 @@ pub(crate) fn rec_size(len: u64) -> u64 {
     REC_HDR + len.next_multiple_of(8)
 }
 
-/// Where a new record of `rec` bytes goes, given the ring's capacity and its `free` and `tail`
-/// positions (monotonic byte counts; offset = position % cap). Returns the padding to skip to
-/// the end of the ring first, or `None` if it does not fit now.
+/// Where a new record of `rec` bytes goes, given the ring's capacity (a power of two) and its
+/// `free` and `tail` positions (monotonic byte counts; offset = position % cap). Returns the
+/// padding to skip to the end of the ring first, or `None` if it does not fit now.
 ///
-/// Records never straddle the end of the ring. Past `soft` bytes into the ring, a record wraps
-/// early to offset 0 when the backlog is small, so that an idle-ish queue keeps touching the
-/// same few pages instead of cycling through its whole capacity.
+/// Records never straddle the end of the ring. Past `soft` bytes into the ring, a record
+/// wraps early to offset 0 when the ring is empty, so that a queue that keeps up touches the
+/// same few pages instead of cycling through its whole capacity. Only when empty: the padding
+/// then lies at `free`, reclaimable at once, so an early wrap never costs capacity (padding
+/// behind a backlog would hold its room until that backlog is consumed).
 pub(crate) fn placement(cap: u64, free: u64, tail: u64, rec: u64, soft: u64) -> Option<u64> {
     let used = tail - free;
-    let off = tail % cap;
+    debug_assert!(cap.is_power_of_two());
+    let off = tail & (cap - 1);
     let to_end = cap - off;
     // Pad to the end when the record does not fit before it, or to wrap early.
-    let wrap_early = off >= soft && used <= off / 2 && rec <= off - used;
+    let wrap_early = off >= soft && used == 0;
     let pad = if rec > to_end || wrap_early {
         to_end
     } else {
@@ -211,6 +214,8 @@ const HDR_BYTES: usize = std::mem::size_of::<Header>().next_multiple_of(4096);
 
 /// Smallest ring accepted.
 pub(crate) const MIN_CAPACITY: usize = 256;
+/// Largest ring accepted (record lengths are 32-bit).
+pub(crate) const MAX_CAPACITY: usize = 1 << 31;
 
 /// How a caller waits: not at all, or until a deadline (`None`: forever).
 #[derive(Clone, Copy, Debug)]
@@ -263,12 +268,13 @@ thread_local! {
 }
 
 impl Shared {
-    /// A new ring of `cap` bytes (rounded up to 8) limited to `maxsize` messages (0: no limit).
+    /// A new ring of `cap` bytes (rounded up to a power of two) limited to `maxsize` messages
+    /// (0: no limit).
     pub(crate) fn create(cap: usize, maxsize: u64, joinable: bool) -> Result<Shared> {
-        let cap = cap.max(MIN_CAPACITY).next_multiple_of(8);
-        if cap > u32::MAX as usize {
-            return Err(Error::arg("queue byte capacity above 4 GiB"));
+        if cap > MAX_CAPACITY {
+            return Err(Error::arg("queue byte capacity above 2 GiB"));
         }
+        let cap = cap.max(MIN_CAPACITY).next_power_of_two();
         let fd = platform::memfd(c"multiproc-queue", HDR_BYTES + cap)?;
         let map = Mapping::new(fd.as_fd(), HDR_BYTES + cap)?;
         let s = Shared::from_parts(map, fd, cap as u64);
@@ -302,7 +308,10 @@ impl Shared {
         let cap = (size - HDR_BYTES) as u64;
         let s = Shared::from_parts(map, fd, cap);
         let f = &s.hdr().fixed.0;
-        if f.magic.load(Ordering::Acquire) != MAGIC || f.cap.load(Ordering::Relaxed) != cap {
+        if f.magic.load(Ordering::Acquire) != MAGIC
+            || f.cap.load(Ordering::Relaxed) != cap
+            || !cap.is_power_of_two()
+        {
             return Err(Error::arg("not a multiproc queue (bad header)"));
         }
         Ok(s)
@@ -349,8 +358,14 @@ impl Shared {
         unsafe { self.map.as_ptr().add(HDR_BYTES) }
     }
 
+    /// Where position `pos` lies in the ring (`cap` is a power of two: no division on the hot
+    /// path).
+    fn offset(&self, pos: u64) -> u64 {
+        pos & (self.cap - 1)
+    }
+
     fn word(&self, pos: u64, second: bool) -> &AtomicU32 {
-        let off = (pos % self.cap) as usize + if second { 4 } else { 0 };
+        let off = self.offset(pos) as usize + if second { 4 } else { 0 };
         // SAFETY: off is a multiple of 4 below cap (positions are multiples of 8, cap too), so
         // the u32 lies inside the ring and is aligned; ring words are only accessed atomically.
         unsafe { &*(self.ring().add(off) as *const AtomicU32) }
@@ -371,7 +386,7 @@ impl Shared {
     /// The payload of the record at `pos`, `len` bytes. Callers pass a length that fits (they
     /// reserved it, or checked it with [`Shared::checked_len`]).
     fn payload(&self, pos: u64, len: usize) -> *mut u8 {
-        let off = (pos % self.cap) as usize + REC_HDR as usize;
+        let off = self.offset(pos) as usize + REC_HDR as usize;
         debug_assert!(off + len <= self.cap as usize);
         // SAFETY: in bounds of the ring, per the caller.
         unsafe { self.ring().add(off) }
@@ -381,7 +396,7 @@ impl Shared {
     /// length becomes an error instead of an out-of-bounds read).
     fn checked_len(&self, pos: u64) -> Result<usize> {
         let len = self.rec_len(pos).load(Ordering::Relaxed) as u64;
-        let off = pos % self.cap;
+        let off = self.offset(pos);
         if off + REC_HDR + len > self.cap {
             return Err(Error::Decode(
                 "queue record overruns the ring (corrupt queue)".into(),
@@ -408,8 +423,8 @@ impl Shared {
         }
     }
 
-    /// Takes one side's lock. Lock order: a thread holding the get lock never waits for the put
-    /// lock (nothing here nests them at all).
+    /// Takes one side's lock. Lock order: put, then get (a putter short of room reclaims);
+    /// a thread holding the get lock never waits for the put lock.
     fn lock(&self, side: Side, deadline: Option<Instant>) -> Result<Guard<'_>> {
         let m = self.mutex(side);
         let mut got = None;
@@ -541,7 +556,7 @@ impl Shared {
         let tail = ps.tail.load(Ordering::Relaxed);
         let rec = rec_size(len);
         let mut seen = ps.free_seen.load(Ordering::Relaxed);
-        if tail % self.cap >= self.soft {
+        if self.offset(tail) >= self.soft {
             // Past the soft limit the true `free` decides whether to wrap early: a stale one
             // would walk the whole ring (touching every page) instead of reusing its start.
             seen = self.gs().free.load(Ordering::Acquire);
@@ -550,7 +565,14 @@ impl Shared {
         let pad = match placement(self.cap, seen, tail, rec, self.soft) {
             Some(pad) => pad,
             None => {
-                let free = self.gs().free.load(Ordering::Acquire);
+                let mut free = self.gs().free.load(Ordering::Acquire);
+                if placement(self.cap, free, tail, rec, self.soft).is_none() {
+                    // Finished records (a padding left by an early wrap, say) may hold the
+                    // room while no getter runs: reclaim them here. Lock order: the put lock
+                    // may be held while taking the get lock, never the reverse.
+                    self.reclaim_now();
+                    free = self.gs().free.load(Ordering::Acquire);
+                }
                 ps.free_seen.store(free, Ordering::Relaxed);
                 placement(self.cap, free, tail, rec, self.soft)?
             }
@@ -1492,10 +1514,10 @@ mod tests {
         // Does not fit before the end: pad to the end if the start is free.
         assert_eq!(placement(cap, 900, 1000, 64, 4096), Some(24));
         assert_eq!(placement(cap, 10, 1000, 64, 4096), None);
-        // Past the soft limit with a small backlog: wrap early.
-        assert_eq!(placement(cap, 600, 640, 64, 512), Some(384));
-        // ... but not when the backlog is large.
-        assert_eq!(placement(cap, 100, 640, 64, 512), Some(0));
+        // Past the soft limit with an empty ring: wrap early.
+        assert_eq!(placement(cap, 640, 640, 64, 512), Some(384));
+        // ... but not behind a backlog, however small (the padding would hold its room).
+        assert_eq!(placement(cap, 600, 640, 64, 512), Some(0));
         // Records never overlap live data.
         for free in (0..2048).step_by(8) {
             for used in (0..=1024u64).step_by(8) {
@@ -1560,13 +1582,38 @@ mod tests {
                 Wait::Try,
             )
             .unwrap();
-            high = high.max(s.ps().tail.load(Ordering::Relaxed) % s.cap);
+            high = high.max(s.offset(s.ps().tail.load(Ordering::Relaxed)));
             let v = s.get(|b| Ok(b.to_vec()), Wait::Try).unwrap();
             assert_eq!(v, i.to_le_bytes());
         }
         // Memory touched stays near the soft limit, not the whole ring.
         assert!(s.ps().tail.load(Ordering::Relaxed) > 2 * s.cap);
         assert!(high <= s.soft + 64, "touched up to {high} of {}", s.cap);
+    }
+
+    #[test]
+    fn a_producer_alone_can_fill_the_whole_ring_after_an_early_wrap() {
+        let s = Shared::create(1 << 16, 0, false).unwrap();
+        let put = |i: u32| {
+            s.put(
+                4,
+                |b| {
+                    b.copy_from_slice(&i.to_le_bytes());
+                    Ok(4)
+                },
+                Wait::Try,
+            )
+        };
+        for i in 0..10_000u32 {
+            put(i).unwrap();
+            s.get(|b| Ok(b.to_vec()), Wait::Try).unwrap();
+        }
+        let mut n = 0;
+        while put(n).is_ok() {
+            n += 1;
+        }
+        // 16 bytes a record: every byte of the ring is usable, whatever the wraps did.
+        assert!(n as u64 >= s.cap / 16 - 1, "only {n} records fit");
     }
 
     #[test]
