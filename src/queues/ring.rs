@@ -104,17 +104,27 @@ pub(crate) fn rec_size(len: u64) -> u64 {
 /// padding to skip to the end of the ring first, or `None` if it does not fit now.
 ///
 /// Records never straddle the end of the ring. Past `soft` bytes into the ring, a record
-/// wraps early to offset 0 when the ring is empty, so that a queue that keeps up touches the
-/// same few pages instead of cycling through its whole capacity. Only when empty: the padding
-/// then lies at `free`, reclaimable at once, so an early wrap never costs capacity (padding
-/// behind a backlog would hold its room until that backlog is consumed).
-pub(crate) fn placement(cap: u64, free: u64, tail: u64, rec: u64, soft: u64) -> Option<u64> {
+/// wraps early to offset 0, so that a queue that keeps up touches the same few MiB instead of
+/// cycling through its whole capacity: when the ring is empty (the padding then lies at
+/// `free`, reclaimable at once), or when the backlog is small and `consuming` (getters are
+/// taking messages: the padding is freed as soon as they get past the backlog). Not behind a
+/// backlog nobody consumes: that padding would hold its room, and a producer filling the queue
+/// before its consumers start would find only part of the ring.
+pub(crate) fn placement(
+    cap: u64,
+    free: u64,
+    tail: u64,
+    rec: u64,
+    soft: u64,
+    consuming: bool,
+) -> Option<u64> {
     let used = tail - free;
     debug_assert!(cap.is_power_of_two());
     let off = tail & (cap - 1);
     let to_end = cap - off;
     // Pad to the end when the record does not fit before it, or to wrap early.
-    let wrap_early = off >= soft && used == 0;
+    let wrap_early =
+        off >= soft && (used == 0 || (consuming && used <= off / 2 && rec <= off - used));
     let pad = if rec > to_end || wrap_early {
         to_end
     } else {
@@ -161,6 +171,9 @@ struct PutState {
     /// The last `free` a putter read: `free` only grows, so an old value is a safe (pessimistic)
     /// bound, and a putter re-reads the consumers' line only when that bound says "no room".
     free_seen: AtomicU64,
+    /// The `free` the previous put past the soft limit saw in this lap (`NO_POS`: none yet), to
+    /// tell whether getters are consuming. A hint, like `free_seen`.
+    soft_free: AtomicU64,
 }
 
 /// Changed only under the get lock (through its undo log).
@@ -291,6 +304,7 @@ impl Shared {
         for slot in &h.slots {
             slot.0.pos.store(NO_POS, Ordering::Relaxed);
         }
+        h.put.0.soft_free.store(NO_POS, Ordering::Relaxed);
         h.fixed.0.cap.store(cap as u64, Ordering::Relaxed);
         h.fixed.0.maxsize.store(maxsize, Ordering::Relaxed);
         h.fixed.0.joinable.store(joinable as u64, Ordering::Relaxed);
@@ -555,18 +569,24 @@ impl Shared {
         }
         let tail = ps.tail.load(Ordering::Relaxed);
         let rec = rec_size(len);
-        let mut seen = ps.free_seen.load(Ordering::Relaxed);
+        let mut free = ps.free_seen.load(Ordering::Relaxed);
+        let mut consuming = false;
         if self.offset(tail) >= self.soft {
-            // Past the soft limit the true `free` decides whether to wrap early: a stale one
-            // would walk the whole ring (touching every page) instead of reusing its start.
-            seen = self.gs().free.load(Ordering::Acquire);
-            ps.free_seen.store(seen, Ordering::Relaxed);
+            // Past the soft limit the true `free` decides whether to wrap early (a stale one
+            // would walk the whole ring, touching every page), and whether getters are taking
+            // messages (it moved since the previous put past the limit).
+            free = self.gs().free.load(Ordering::Acquire);
+            let before = ps.soft_free.load(Ordering::Relaxed);
+            consuming = before != NO_POS && free > before;
+            ps.soft_free.store(free, Ordering::Relaxed);
+            ps.free_seen.store(free, Ordering::Relaxed);
         }
-        let pad = match placement(self.cap, seen, tail, rec, self.soft) {
+        let fits = |free| placement(self.cap, free, tail, rec, self.soft, consuming);
+        let pad = match fits(free) {
             Some(pad) => pad,
             None => {
-                let mut free = self.gs().free.load(Ordering::Acquire);
-                if placement(self.cap, free, tail, rec, self.soft).is_none() {
+                free = self.gs().free.load(Ordering::Acquire);
+                if fits(free).is_none() {
                     // Finished records (a padding left by an early wrap, say) may hold the
                     // room while no getter runs: reclaim them here. Lock order: the put lock
                     // may be held while taking the get lock, never the reverse.
@@ -574,13 +594,15 @@ impl Shared {
                     free = self.gs().free.load(Ordering::Acquire);
                 }
                 ps.free_seen.store(free, Ordering::Relaxed);
-                placement(self.cap, free, tail, rec, self.soft)?
+                fits(free)?
             }
         };
         if pad > 0 {
             self.rec_len(tail)
                 .store((pad - REC_HDR) as u32, Ordering::Relaxed);
             self.rec_state(tail).store(PAD, Ordering::Release);
+            // A new lap: whether getters keep up is judged afresh past the limit.
+            ps.soft_free.store(NO_POS, Ordering::Relaxed);
         }
         Some(tail + pad)
     }
@@ -1508,22 +1530,26 @@ mod tests {
     fn placement_rules() {
         let cap = 1024;
         // Empty ring: at 0, no padding.
-        assert_eq!(placement(cap, 0, 0, 64, 512), Some(0));
+        assert_eq!(placement(cap, 0, 0, 64, 512, true), Some(0));
         // A full ring refuses.
-        assert_eq!(placement(cap, 0, 1024, 8, 512), None);
+        assert_eq!(placement(cap, 0, 1024, 8, 512, true), None);
         // Does not fit before the end: pad to the end if the start is free.
-        assert_eq!(placement(cap, 900, 1000, 64, 4096), Some(24));
-        assert_eq!(placement(cap, 10, 1000, 64, 4096), None);
+        assert_eq!(placement(cap, 900, 1000, 64, 4096, true), Some(24));
+        assert_eq!(placement(cap, 10, 1000, 64, 4096, true), None);
         // Past the soft limit with an empty ring: wrap early.
-        assert_eq!(placement(cap, 640, 640, 64, 512), Some(384));
-        // ... but not behind a backlog, however small (the padding would hold its room).
-        assert_eq!(placement(cap, 600, 640, 64, 512), Some(0));
+        assert_eq!(placement(cap, 640, 640, 64, 512, false), Some(384));
+        // ... and behind a small backlog that getters are consuming,
+        assert_eq!(placement(cap, 600, 640, 64, 512, true), Some(384));
+        // ... but not behind one nobody consumes (the padding would hold its room),
+        assert_eq!(placement(cap, 600, 640, 64, 512, false), Some(0));
+        // ... nor behind a large one.
+        assert_eq!(placement(cap, 100, 640, 64, 512, true), Some(0));
         // Records never overlap live data.
         for free in (0..2048).step_by(8) {
             for used in (0..=1024u64).step_by(8) {
                 let tail = free + used;
                 for rec in [16u64, 64, 256, 1024] {
-                    if let Some(pad) = placement(cap, free, tail, rec, 512) {
+                    if let Some(pad) = placement(cap, free, tail, rec, 512, true) {
                         let start = tail + pad;
                         assert!(start + rec <= free + cap);
                         assert!(start % cap + rec <= cap, "record straddles the end");
