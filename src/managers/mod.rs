@@ -38,6 +38,7 @@
 //! assert_eq!(d.get(&2).unwrap().unwrap(), "from child 2");
 //! ```
 
+mod lane;
 mod proxies;
 mod server;
 
@@ -47,6 +48,7 @@ pub use proxies::{
 };
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -198,16 +200,88 @@ pub(crate) struct Endpoint {
     pub(crate) authkey: Vec<u8>,
 }
 
+/// A pooled connection to a manager, with its fast lane when it has one (Unix sockets).
+pub(crate) struct Conn {
+    c: Connection<()>,
+    lane: Option<lane::Lane>,
+    out: Vec<u8>,
+}
+
+impl Conn {
+    /// Connects and authenticates; over a Unix socket, also asks for a fast lane (a server
+    /// that cannot make one says so, and the connection carries on over the socket).
+    fn open(ep: &Endpoint) -> Result<Conn> {
+        let mut c = connection::Client::connect::<()>(&ep.address, &ep.authkey)?;
+        c.set_spin(CLIENT_SPIN);
+        let mut conn = Conn {
+            c,
+            lane: None,
+            out: Vec::new(),
+        };
+        if !matches!(ep.address, Address::Tcp(_)) {
+            conn.send(0, "lane", &[])?;
+            let raw = conn.c.raw_mut();
+            let lane = raw.recv_with(None, |b, fds| {
+                let rep =
+                    postcard::from_bytes::<Reply>(b).map_err(|e| Error::Decode(e.to_string()))?;
+                match (rep, fds.as_slice()) {
+                    (Ok(_), [fd]) => lane::Lane::open(fd.as_fd()).map(Some),
+                    (Ok(_), _) => Err(Error::MalformedFrame(
+                        "a manager's lane reply without its descriptor".into(),
+                    )),
+                    (Err(_), _) => Ok(None),
+                }
+            })?;
+            conn.lane = lane;
+        }
+        Ok(conn)
+    }
+
+    fn send(&mut self, obj: ObjectId, method: &str, args: &[u8]) -> Result<()> {
+        let req = Request { obj, method, args };
+        let raw = self.c.raw_mut();
+        match &mut self.lane {
+            Some(l) => {
+                self.out.clear();
+                postcard::to_io(&req, &mut self.out).map_err(|e| Error::Encode(e.to_string()))?;
+                l.send(raw, &self.out)
+            }
+            None => raw.send_with(|buf| {
+                postcard::to_io(&req, &mut *buf).map_err(|e| Error::Encode(e.to_string()))?;
+                Ok(Vec::new())
+            }),
+        }
+    }
+
+    /// Calls `method` on object `obj`: the method's encoded result, or its error. An `Err`
+    /// of the outer result is a transport failure: drop the connection then.
+    pub(crate) fn call(
+        &mut self,
+        obj: ObjectId,
+        method: &str,
+        args: &[u8],
+    ) -> Result<std::result::Result<Vec<u8>, RemoteError>> {
+        self.send(obj, method, args)?;
+        let decode =
+            |b: &[u8]| postcard::from_bytes::<Reply>(b).map_err(|e| Error::Decode(e.to_string()));
+        let raw = self.c.raw_mut();
+        match &mut self.lane {
+            Some(l) => l.recv(raw, decode),
+            None => raw.recv_with(None, |b, _| decode(b)),
+        }
+    }
+}
+
 struct ConnPool {
     /// The process the pooled connections belong to: a forked child must not share its
     /// parent's sockets, so it starts an empty pool.
     pid: u32,
-    idle: HashMap<Endpoint, Vec<Connection<()>>>,
+    idle: HashMap<Endpoint, Vec<Conn>>,
 }
 
 static POOL: Mutex<Option<ConnPool>> = Mutex::new(None);
 
-fn take_conn(ep: &Endpoint) -> Result<Connection<()>> {
+pub(crate) fn take_conn(ep: &Endpoint) -> Result<Conn> {
     {
         let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
         let pid = std::process::id();
@@ -225,9 +299,7 @@ fn take_conn(ep: &Endpoint) -> Result<Connection<()>> {
             return Ok(c);
         }
     }
-    let mut c = connection::Client::connect::<()>(&ep.address, &ep.authkey)?;
-    c.set_spin(CLIENT_SPIN);
-    Ok(c)
+    Conn::open(ep)
 }
 
 /// Drops this process's idle connections to `ep` (its server is going away).
@@ -240,7 +312,7 @@ fn forget_endpoint(ep: &Endpoint) {
     }
 }
 
-fn give_back(ep: &Endpoint, c: Connection<()>) {
+pub(crate) fn give_back(ep: &Endpoint, c: Conn) {
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = g.as_mut() {
         if p.pid == std::process::id() {
@@ -255,26 +327,10 @@ fn give_back(ep: &Endpoint, c: Connection<()>) {
 /// Calls `method` on object `obj` of the manager at `ep`.
 pub(crate) fn call_raw(ep: &Endpoint, obj: ObjectId, method: &str, args: &[u8]) -> Result<Vec<u8>> {
     let mut c = take_conn(ep)?;
-    let r = c
-        .raw_mut()
-        .send_with(|buf| {
-            postcard::to_io(&Request { obj, method, args }, &mut *buf)
-                .map_err(|e| Error::Encode(e.to_string()))?;
-            Ok(Vec::new())
-        })
-        .and_then(|()| {
-            c.raw_mut().recv_with(None, |b, _| {
-                postcard::from_bytes::<Reply>(b).map_err(|e| Error::Decode(e.to_string()))
-            })
-        });
-    match r {
-        Ok(rep) => {
-            give_back(ep, c);
-            rep.map_err(Error::from)
-        }
-        // A transport failure: the connection is dropped, not pooled.
-        Err(e) => Err(e),
-    }
+    // A transport failure drops the connection instead of pooling it.
+    let rep = c.call(obj, method, args)?;
+    give_back(ep, c);
+    rep.map_err(Error::from)
 }
 
 /// Typed [`call_raw`].
