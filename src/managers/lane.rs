@@ -32,15 +32,24 @@ const REP_SEQ: usize = 128;
 const REP_LEN: usize = 132;
 const CLIENT_ASLEEP: usize = 192;
 const SERVER_ASLEEP: usize = 256;
+const CLIENT_CPU: usize = 320;
+const SERVER_CPU: usize = 384;
+/// A CPU word's value when the CPU is unknown.
+const NO_CPU: u32 = u32::MAX;
 
 /// How long a receiver busy-waits for a message before it sleeps on the socket.
-pub(crate) const SPIN: Duration = Duration::from_micros(50);
-/// The first part of the spin does not yield the CPU; after it, the spinner calls
-/// `sched_yield` between looks, so a peer that shares its CPU (2-core machines, busy
-/// machines) still runs.
-const SPIN_ONLY: Duration = Duration::from_micros(5);
-/// Receives that spin only [`SPIN_ONLY`] after a spin that ran out (the peer is slow or idle:
-/// spinning longer would only burn CPU).
+const SPIN: Duration = Duration::from_micros(50);
+/// The first part of the spin does not yield the CPU (none of it when the peer last ran on
+/// our CPU: it needs the CPU to answer); after it, the spinner calls `sched_yield` between
+/// looks, so a peer that shares its CPU (2-core machines, busy machines) still runs.
+const SPIN_ONLY: Duration = Duration::from_micros(20);
+/// A yield that kept the spinner off its CPU longer than this means another thread wanted the
+/// CPU for a time slice: the spin stops (sleeping lets the scheduler hand the CPU back at once
+/// when the message comes; yielding again would lose another slice).
+const SLOW_YIELD: Duration = Duration::from_micros(20);
+/// Receives that only spin (no yields, at most [`SPIN_ONLY`]) after a spin that ran out or
+/// lost the CPU: the peer is slow, idle or short of CPU, and spinning longer would only take
+/// CPU from it or from others.
 const BACKOFF: u32 = 32;
 /// Looks at the sequence word between two readings of the clock.
 const LOOKS_PER_CLOCK: u32 = 16;
@@ -66,6 +75,9 @@ struct Words {
     me_asleep: usize,
     /// Set by the peer while it sleeps on the socket.
     peer_asleep: usize,
+    /// The CPU this side last waited on (a hint for the peer's spin).
+    me_cpu: usize,
+    peer_cpu: usize,
 }
 
 const CLIENT_WORDS: Words = Words {
@@ -77,6 +89,8 @@ const CLIENT_WORDS: Words = Words {
     in_data: HDR + CAP,
     me_asleep: CLIENT_ASLEEP,
     peer_asleep: SERVER_ASLEEP,
+    me_cpu: CLIENT_CPU,
+    peer_cpu: SERVER_CPU,
 };
 
 const SERVER_WORDS: Words = Words {
@@ -88,6 +102,8 @@ const SERVER_WORDS: Words = Words {
     in_data: HDR,
     me_asleep: SERVER_ASLEEP,
     peer_asleep: CLIENT_ASLEEP,
+    me_cpu: SERVER_CPU,
+    peer_cpu: CLIENT_CPU,
 };
 
 /// One side of a fast lane. Used with the connection it was set up on: every call takes that
@@ -120,6 +136,8 @@ impl Lane {
         let fd = platform::memfd(c"multiproc-manager-lane", SIZE)?;
         let map = Mapping::new(fd.as_fd(), SIZE)?;
         let lane = Lane::new(map, Side::Server);
+        lane.word(CLIENT_CPU).store(NO_CPU, Ordering::Relaxed);
+        lane.word(SERVER_CPU).store(NO_CPU, Ordering::Relaxed);
         lane.word(MAGIC_AT).store(MAGIC, Ordering::Release);
         Ok((lane, fd))
     }
@@ -179,6 +197,11 @@ impl Lane {
                     msg.len(),
                 );
             }
+        }
+        let cpu = platform::current_cpu().unwrap_or(NO_CPU);
+        let mine = self.word(self.w.me_cpu);
+        if mine.load(Ordering::Relaxed) != cpu {
+            mine.store(cpu, Ordering::Relaxed);
         }
         let len = if big { ON_SOCKET } else { msg.len() as u32 };
         self.word(self.w.out_len).store(len, Ordering::Relaxed);
@@ -245,17 +268,34 @@ impl Lane {
             self.short = 0;
             return Ok(());
         }
-        let budget = if self.short > 0 {
+        // Where we run, for the peer's next spin.
+        let cpu = platform::current_cpu().unwrap_or(NO_CPU);
+        let mine = self.word(self.w.me_cpu);
+        if mine.load(Ordering::Relaxed) != cpu {
+            mine.store(cpu, Ordering::Relaxed);
+        }
+        // Spinning without yielding only helps a peer that runs on another CPU: one that
+        // shares ours needs the CPU to answer.
+        let same = cpu != NO_CPU && self.word(self.w.peer_cpu).load(Ordering::Relaxed) == cpu;
+        let pure = if same { Duration::ZERO } else { SPIN_ONLY };
+        // Normally: spin, then yield between looks, up to SPIN. Backing off (after a spin
+        // that ran out or a yield that lost the CPU): only the pure spin, no yields.
+        let (budget, may_yield) = if self.short > 0 {
             self.short -= 1;
-            SPIN_ONLY
+            (pure, false)
         } else {
-            SPIN
+            (SPIN, true)
         };
         let seq = self.word(self.w.in_seq);
-        if spin_until(|| seq.load(Ordering::Acquire) == want, budget) {
-            return Ok(());
+        match spin_until(
+            || seq.load(Ordering::Acquire) == want,
+            budget,
+            pure,
+            may_yield,
+        ) {
+            Spin::Ready => return Ok(()),
+            Spin::RanOut => self.short = BACKOFF,
         }
-        self.short = BACKOFF;
         let seq = self.word(self.w.in_seq);
         let me = self.word(self.w.me_asleep);
         loop {
@@ -280,25 +320,38 @@ impl Lane {
     }
 }
 
-/// Busy-waits until `ready()` or `budget` has passed (then false): looks without yielding for
-/// [`SPIN_ONLY`], then yields the CPU between looks.
-fn spin_until(ready: impl Fn() -> bool, budget: Duration) -> bool {
+enum Spin {
+    Ready,
+    RanOut,
+}
+
+/// Busy-waits until `ready()`: looks without yielding for `pure`, then (if `may_yield`) yields
+/// the CPU between looks until `budget` has passed. A yield that kept us off the CPU longer
+/// than [`SLOW_YIELD`] (another thread ran a time slice) ends the spin.
+fn spin_until(ready: impl Fn() -> bool, budget: Duration, pure: Duration, may_yield: bool) -> Spin {
     let t0 = Instant::now();
     loop {
         for _ in 0..LOOKS_PER_CLOCK {
             if ready() {
-                return true;
+                return Spin::Ready;
             }
             std::hint::spin_loop();
         }
         let e = t0.elapsed();
         if e >= budget {
-            return ready();
+            break;
         }
-        if e >= SPIN_ONLY {
+        if e >= pure {
+            if !may_yield {
+                break;
+            }
             std::thread::yield_now();
+            if t0.elapsed() - e > SLOW_YIELD {
+                break;
+            }
         }
     }
+    if ready() { Spin::Ready } else { Spin::RanOut }
 }
 
 fn io_err(e: std::io::Error) -> Error {

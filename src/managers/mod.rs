@@ -47,6 +47,7 @@ pub use proxies::{
     QueueProxy, ValueProxy,
 };
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
@@ -58,6 +59,7 @@ use serde::{Deserialize, Serialize};
 use crate::connection::{self, Address, Connection, Listener, ToAddress, Waitable};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::platform;
 use crate::process::Process;
 
 /// Identifies an object in a manager (0 is the manager itself).
@@ -281,10 +283,32 @@ struct ConnPool {
 
 static POOL: Mutex<Option<ConnPool>> = Mutex::new(None);
 
+/// Each thread's most recently used connection, kept out of the shared pool: a thread calling
+/// one manager in a loop takes and returns it with no lock, no hashing and no allocation.
+struct Recent {
+    pid: u32,
+    ep: Endpoint,
+    conn: Option<Conn>,
+}
+
+thread_local! {
+    static RECENT: RefCell<Option<Recent>> = const { RefCell::new(None) };
+}
+
 pub(crate) fn take_conn(ep: &Endpoint) -> Result<Conn> {
+    let pid = platform::cached_pid();
+    let recent = RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        match r.as_mut() {
+            Some(x) if x.pid == pid && x.ep == *ep => x.conn.take(),
+            _ => None,
+        }
+    });
+    if let Some(c) = recent {
+        return Ok(c);
+    }
     {
         let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let pid = std::process::id();
         let p = g.get_or_insert_with(|| ConnPool {
             pid,
             idle: HashMap::new(),
@@ -302,20 +326,68 @@ pub(crate) fn take_conn(ep: &Endpoint) -> Result<Conn> {
     Conn::open(ep)
 }
 
-/// Drops this process's idle connections to `ep` (its server is going away).
+/// Drops this process's idle connections to `ep` (its server is going away): the pool's and
+/// this thread's recent one (other threads' recent ones fail on their next use and are
+/// dropped then).
 fn forget_endpoint(ep: &Endpoint) {
+    let pid = platform::cached_pid();
+    RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.as_ref().is_some_and(|x| x.ep == *ep || x.pid != pid) {
+            *r = None;
+        }
+    });
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = g.as_mut() {
-        if p.pid == std::process::id() {
+        if p.pid == pid {
             p.idle.remove(ep);
         }
     }
 }
 
 pub(crate) fn give_back(ep: &Endpoint, c: Conn) {
+    let pid = platform::cached_pid();
+    // Into this thread's slot if it is free (or holds another manager's or process's
+    // connection, which moves to the pool or is dropped), else into the pool.
+    let c = RECENT.with(|r| {
+        let mut r = r.borrow_mut();
+        match r.as_mut() {
+            Some(x) if x.pid == pid && x.ep == *ep => {
+                if x.conn.is_none() {
+                    x.conn = Some(c);
+                    return None;
+                }
+                Some(c)
+            }
+            _ => {
+                let old = r.replace(Recent {
+                    pid,
+                    ep: ep.clone(),
+                    conn: Some(c),
+                });
+                match old {
+                    Some(Recent {
+                        pid: p,
+                        ep: e,
+                        conn: Some(c),
+                    }) if p == pid => {
+                        pool_put(pid, &e, c);
+                        None
+                    }
+                    _ => None,
+                }
+            }
+        }
+    });
+    if let Some(c) = c {
+        pool_put(pid, ep, c);
+    }
+}
+
+fn pool_put(pid: u32, ep: &Endpoint, c: Conn) {
     let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(p) = g.as_mut() {
-        if p.pid == std::process::id() {
+        if p.pid == pid {
             let v = p.idle.entry(ep.clone()).or_default();
             if v.len() < POOL_KEEP {
                 v.push(c);

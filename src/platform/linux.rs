@@ -1252,3 +1252,60 @@ pub(crate) fn recv_append(fd: BorrowedFd<'_>, out: &mut Vec<u8>, max: usize) -> 
     unsafe { out.set_len(out.len() + n) };
     Ok(n)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Managers: where a spinning thread runs, and a process id that costs no system call
+// ---------------------------------------------------------------------------------------------
+
+/// The CPU the calling thread runs on now (a hint: it may move at once), or `None` if the
+/// system cannot say. Cheap: glibc reads it from the thread's rseq area or the vDSO.
+pub(crate) fn current_cpu() -> Option<u32> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let r = unsafe { libc::sched_getcpu() };
+    u32::try_from(r).ok()
+}
+
+/// The calling process's id without a system call in the common case: cached in a page the
+/// kernel wipes in a child made by any `fork` (`MADV_WIPEONFORK`), so a child never sees its
+/// parent's pid. Falls back to `getpid` each time if such a page cannot be made.
+pub(crate) fn cached_pid() -> u32 {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let page = *PAGE.get_or_init(|| {
+        // SAFETY: a fresh anonymous private mapping chosen by the kernel; nothing else is
+        // affected. It is never unmapped (it lives as long as the process).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return 0;
+        }
+        // SAFETY: p is the page just mapped.
+        if unsafe { libc::madvise(p, 4096, libc::MADV_WIPEONFORK) } != 0 {
+            // SAFETY: p/4096 is the mapping made above, unused by anyone else.
+            unsafe { libc::munmap(p, 4096) };
+            return 0;
+        }
+        p as usize
+    });
+    if page == 0 {
+        return getpid();
+    }
+    // SAFETY: `page` is a live, page-aligned, read-write mapping of 4096 bytes owned by this
+    // function and only accessed through this atomic view.
+    let word = unsafe { &*(page as *const std::sync::atomic::AtomicU32) };
+    match word.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let pid = getpid();
+            word.store(pid, std::sync::atomic::Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
