@@ -1309,3 +1309,35 @@ pub(crate) fn cached_pid() -> u32 {
         pid => pid,
     }
 }
+
+#[cfg(test)]
+mod manager_support_tests {
+    use super::*;
+
+    #[test]
+    fn cached_pid_is_the_pid_and_a_forked_child_sees_its_own() {
+        assert_eq!(cached_pid(), std::process::id());
+        // SAFETY: the child only calls cached_pid (its page is already made, so no lock is
+        // taken), getpid and _exit: no allocation, nothing another thread could hold.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            // SAFETY: getpid and _exit are async-signal-safe.
+            let ok = cached_pid() == unsafe { libc::getpid() } as u32;
+            // SAFETY: as above.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(r, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(cached_pid(), std::process::id());
+    }
+
+    #[test]
+    fn current_cpu_is_one_of_ours() {
+        let c = current_cpu().expect("Linux knows the CPU");
+        assert!((c as usize) < 4096);
+    }
+}
