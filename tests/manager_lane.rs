@@ -29,7 +29,11 @@ fn a_manager_killed_while_clients_spin_fails_them_all_promptly() {
     let thread = std::thread::spawn(move || hammer((dt, 99)));
     // Every client is in its loop (each call spins on the lane for its reply) before the kill.
     let t0 = Instant::now();
-    let all_in = || [0, 1, 2, 99].iter().all(|&id| d.contains(&(id, 5)).unwrap());
+    let all_in = || {
+        [0, 1, 2, 99]
+            .iter()
+            .all(|&id| d.contains(&(id, 5)).unwrap())
+    };
     while !all_in() && t0.elapsed() < T {}
     assert!(all_in());
     let pid = m.server_pid().unwrap();

@@ -72,6 +72,19 @@ pub(crate) type ObjectId = u64;
 pub(crate) const SERVER_SPIN: Duration = Duration::from_micros(30);
 const CLIENT_SPIN: Duration = Duration::from_micros(30);
 
+/// Dead-peer detection on TCP manager connections (both ends): keepalive probes after
+/// `TCP_IDLE` of silence, every `TCP_INTERVAL`, the connection failing after `TCP_PROBES`
+/// unanswered ones (and data unacknowledged for as long fails it too): a peer whose machine
+/// vanished without closing gives an error within about 30 s instead of a wait forever.
+pub(crate) const TCP_IDLE: Duration = Duration::from_secs(10);
+pub(crate) const TCP_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const TCP_PROBES: u32 = 4;
+
+/// Sets [`TCP_IDLE`] and co. on a manager's TCP connection.
+pub(crate) fn tcp_keepalive(raw: &crate::connection::RawConn) -> Result<()> {
+    platform::set_tcp_keepalive(raw.fileno()?, TCP_IDLE, TCP_INTERVAL, TCP_PROBES)
+}
+
 /// Idle connections kept per manager per process.
 const POOL_KEEP: usize = 16;
 
@@ -220,7 +233,9 @@ impl Conn {
             lane: None,
             out: Vec::new(),
         };
-        if !matches!(ep.address, Address::Tcp(_)) {
+        if matches!(ep.address, Address::Tcp(_)) {
+            tcp_keepalive(conn.c.raw_mut())?;
+        } else {
             conn.send(0, "lane", &[])?;
             let raw = conn.c.raw_mut();
             let lane = raw.recv_with(None, |b, fds| {
@@ -237,6 +252,18 @@ impl Conn {
             conn.lane = lane;
         }
         Ok(conn)
+    }
+
+    /// The connection's socket (for tests).
+    #[cfg(test)]
+    pub(crate) fn fileno(&mut self) -> Result<std::os::fd::BorrowedFd<'_>> {
+        self.c.raw_mut().fileno()
+    }
+
+    /// Whether the connection has a fast lane.
+    #[cfg(test)]
+    pub(crate) fn has_lane(&self) -> bool {
+        self.lane.is_some()
     }
 
     fn send(&mut self, obj: ObjectId, method: &str, args: &[u8]) -> Result<()> {
@@ -771,5 +798,64 @@ impl Context {
     /// ```
     pub fn manager(&self) -> Result<Manager> {
         Manager::start_in(*self, no_types)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(addr: &str) -> (Endpoint, std::thread::JoinHandle<Result<()>>) {
+        let l = Listener::bind(addr, b"key").unwrap();
+        let ep = Endpoint {
+            address: l.address().clone(),
+            authkey: b"key".to_vec(),
+        };
+        (
+            ep,
+            std::thread::spawn(move || Manager::serve_listener(l, |_| {})),
+        )
+    }
+
+    fn stop(ep: &Endpoint, t: std::thread::JoinHandle<Result<()>>) {
+        let _ = call::<_, ()>(ep, 0, "shutdown", &());
+        forget_endpoint(ep);
+        t.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn tcp_connections_have_keepalive_and_no_lane() {
+        let (ep, t) = serve("127.0.0.1:0");
+        let mut c = Conn::open(&ep).unwrap();
+        assert!(!c.has_lane());
+        let (on, idle, intvl, cnt, user_ms) = platform::tcp_keepalive(c.fileno().unwrap()).unwrap();
+        assert!(on);
+        assert_eq!(
+            (idle as u64, intvl as u64, cnt as u32),
+            (TCP_IDLE.as_secs(), TCP_INTERVAL.as_secs(), TCP_PROBES)
+        );
+        assert_eq!(
+            user_ms as u128,
+            (TCP_IDLE + TCP_INTERVAL * TCP_PROBES).as_millis()
+        );
+        assert_eq!(
+            c.call(0, "ping", &reply(&()).unwrap()).unwrap().unwrap(),
+            reply(&()).unwrap()
+        );
+        drop(c);
+        stop(&ep, t);
+    }
+
+    #[test]
+    fn unix_connections_get_a_lane() {
+        let a = Address::unique_abstract().unwrap().to_string();
+        let (ep, t) = serve(&a);
+        let mut c = Conn::open(&ep).unwrap();
+        assert!(c.has_lane());
+        for _ in 0..100 {
+            assert!(c.call(0, "ping", &reply(&()).unwrap()).unwrap().is_ok());
+        }
+        drop(c);
+        stop(&ep, t);
     }
 }

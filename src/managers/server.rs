@@ -646,6 +646,11 @@ impl Server {
             lock(&self.live).remove(&conn_id);
             return;
         }
+        if matches!(self.address, Address::Tcp(_)) {
+            if let Err(e) = super::tcp_keepalive(&raw) {
+                tracing::debug!("manager: no keepalive on a TCP connection: {e}");
+            }
+        }
         let deadline = Instant::now() + l.handshake_timeout();
         if let Err(e) = auth::server_handshake(&mut raw, l.authkey(), deadline) {
             tracing::debug!("manager: refused a client: {e}");

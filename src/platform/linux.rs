@@ -1310,6 +1310,75 @@ pub(crate) fn cached_pid() -> u32 {
     }
 }
 
+/// Dead-peer detection on a TCP socket: keepalive probes after `idle` without traffic, every
+/// `interval`, `count` of them unanswered closing the connection; and the same bound
+/// (`idle + interval * count`) on data sent but never acknowledged (`TCP_USER_TIMEOUT`). A
+/// peer whose machine vanished (no FIN, no RST) then gives an error instead of an endless wait.
+pub(crate) fn set_tcp_keepalive(
+    fd: BorrowedFd<'_>,
+    idle: Duration,
+    interval: Duration,
+    count: u32,
+) -> Result<()> {
+    let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
+    let user_ms = (idle + interval * count)
+        .as_millis()
+        .min(libc::c_int::MAX as u128) as libc::c_int;
+    let opts = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(idle)),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(interval)),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPCNT,
+            count.clamp(1, i32::MAX as u32) as libc::c_int,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_ms),
+    ];
+    for (level, name, v) in opts {
+        // SAFETY: setsockopt reads exactly size_of::<c_int>() bytes from &v, which lives
+        // across the call.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads back what [`set_tcp_keepalive`] sets: `(SO_KEEPALIVE, TCP_KEEPIDLE s, TCP_KEEPINTVL s,
+/// TCP_KEEPCNT, TCP_USER_TIMEOUT ms)`.
+pub(crate) fn tcp_keepalive(fd: BorrowedFd<'_>) -> Result<(bool, i32, i32, i32, i32)> {
+    let get = |level: libc::c_int, name: libc::c_int| -> Result<i32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes to &mut v and updates len; both live
+        // across the call.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(v)
+    };
+    Ok((
+        get(libc::SOL_SOCKET, libc::SO_KEEPALIVE)? != 0,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?,
+        get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)?,
+    ))
+}
+
 #[cfg(test)]
 mod manager_support_tests {
     use super::*;
@@ -1339,5 +1408,15 @@ mod manager_support_tests {
     fn current_cpu_is_one_of_ours() {
         let c = current_cpu().expect("Linux knows the CPU");
         assert!((c as usize) < 4096);
+    }
+
+    #[test]
+    fn tcp_keepalive_options_are_set() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&c);
+        assert!(!tcp_keepalive(fd).unwrap().0);
+        set_tcp_keepalive(fd, Duration::from_secs(10), Duration::from_secs(5), 4).unwrap();
+        assert_eq!(tcp_keepalive(fd).unwrap(), (true, 10, 5, 4, 30_000));
     }
 }
