@@ -133,7 +133,7 @@ impl std::fmt::Debug for Lane {
 impl Lane {
     /// Makes a lane's shared file (the server does, and sends the descriptor to the client).
     pub(crate) fn create() -> Result<(Lane, OwnedFd)> {
-        let fd = platform::memfd(c"multiproc-manager-lane", SIZE)?;
+        let fd = platform::memfd_fixed_size(c"multiproc-manager-lane", SIZE)?;
         let map = Mapping::new(fd.as_fd(), SIZE)?;
         let lane = Lane::new(map, Side::Server);
         lane.word(CLIENT_CPU).store(NO_CPU, Ordering::Relaxed);
@@ -146,6 +146,11 @@ impl Lane {
     /// can be closed afterwards (the mapping keeps the file alive).
     pub(crate) fn open(fd: BorrowedFd<'_>) -> Result<Lane> {
         let size = platform::fstat_size(fd)?;
+        if !platform::size_sealed(fd) {
+            return Err(Error::MalformedFrame(
+                "manager lane file not sealed against shrinking".into(),
+            ));
+        }
         if size != SIZE {
             return Err(Error::MalformedFrame(format!(
                 "manager lane of {size} bytes, expected {SIZE}"
@@ -456,9 +461,12 @@ mod tests {
 
     #[test]
     fn a_wrong_file_is_refused() {
+        // Unsealed (its sender could shrink it under us), wrong size, no magic.
         let fd = platform::memfd(c"not-a-lane", SIZE).unwrap();
         assert!(Lane::open(fd.as_fd()).is_err());
-        let fd = platform::memfd(c"not-a-lane", 100).unwrap();
+        let fd = platform::memfd_fixed_size(c"not-a-lane", 100).unwrap();
+        assert!(Lane::open(fd.as_fd()).is_err());
+        let fd = platform::memfd_fixed_size(c"not-a-lane", SIZE).unwrap();
         assert!(Lane::open(fd.as_fd()).is_err());
     }
 

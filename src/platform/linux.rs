@@ -1379,6 +1379,30 @@ pub(crate) fn tcp_keepalive(fd: BorrowedFd<'_>) -> Result<(bool, i32, i32, i32, 
     ))
 }
 
+/// A memfd of `size` bytes (zero-filled, close-on-exec) whose size is sealed: it can neither
+/// shrink nor grow, and the seals cannot be changed. Whoever it is shared with can map it
+/// without fearing a `SIGBUS` from a peer that shrinks it.
+pub(crate) fn memfd_fixed_size(name: &CStr, size: usize) -> Result<OwnedFd> {
+    // SAFETY: name is NUL-terminated; flags are valid.
+    let r = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: the fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    ftruncate(fd.as_fd_ref(), size)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a valid fd with an int argument.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(fd)
+}
+
+/// True when the file behind `fd` is sealed against shrinking (see [`memfd_fixed_size`]).
+pub(crate) fn size_sealed(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: fcntl on a valid fd; F_GET_SEALS takes no argument.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    r >= 0 && r & libc::F_SEAL_SHRINK != 0
+}
+
 #[cfg(test)]
 mod manager_support_tests {
     use super::*;
@@ -1408,6 +1432,15 @@ mod manager_support_tests {
     fn current_cpu_is_one_of_ours() {
         let c = current_cpu().expect("Linux knows the CPU");
         assert!((c as usize) < 4096);
+    }
+
+    #[test]
+    fn a_fixed_size_memfd_cannot_shrink() {
+        let fd = memfd_fixed_size(c"fixed", 8192).unwrap();
+        assert!(size_sealed(fd.as_fd_ref()));
+        assert!(ftruncate(fd.as_fd_ref(), 4096).is_err());
+        assert_eq!(fstat_size(fd.as_fd_ref()).unwrap(), 8192);
+        assert!(!size_sealed(memfd(c"plain", 4096).unwrap().as_fd_ref()));
     }
 
     #[test]
