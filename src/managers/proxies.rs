@@ -8,8 +8,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Endpoint, ObjectId, Reply, Request, args, call, reply};
-use crate::connection::Connection;
+use super::{Conn, Endpoint, ObjectId, args, call, reply};
 use crate::error::{Error, Result};
 
 /// An untyped proxy: calls any method of a manager object by name. The typed proxies wrap one;
@@ -399,7 +398,7 @@ typed_proxy!(
 /// Holds a [`LockProxy`]'s lock; releases it when dropped.
 pub struct LockGuard<'a> {
     lock: &'a LockProxy,
-    conn: Option<Connection<()>>,
+    conn: Option<Conn>,
 }
 
 impl std::fmt::Debug for LockGuard<'_> {
@@ -411,28 +410,13 @@ impl std::fmt::Debug for LockGuard<'_> {
 }
 
 fn call_on<A: Serialize, R: DeserializeOwned>(
-    c: &mut Connection<()>,
+    c: &mut Conn,
     obj: ObjectId,
     method: &str,
     a: &A,
 ) -> Result<R> {
     let bytes = reply(a)?;
-    c.raw_mut().send_with(|buf| {
-        postcard::to_io(
-            &Request {
-                obj,
-                method,
-                args: &bytes,
-            },
-            &mut *buf,
-        )
-        .map_err(|e| Error::Encode(e.to_string()))?;
-        Ok(Vec::new())
-    })?;
-    let rep = c.raw_mut().recv_with(None, |b, _| {
-        postcard::from_bytes::<Reply>(b).map_err(|e| Error::Decode(e.to_string()))
-    })?;
-    args(&rep.map_err(Error::from)?)
+    args(&c.call(obj, method, &bytes)?.map_err(Error::from)?)
 }
 
 impl LockProxy {

@@ -2,7 +2,7 @@
 //! calls on the objects it holds. See `README.md` beside this file for the invariants.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::lane::Lane;
 use super::{ObjectId, Registry, RemoteError, Reply, Request, SERVER_SPIN, SharedObject, args};
 use crate::connection::{Address, Listener, RawConn, auth};
 use crate::error::{Error, Result};
@@ -645,6 +646,11 @@ impl Server {
             lock(&self.live).remove(&conn_id);
             return;
         }
+        if matches!(self.address, Address::Tcp(_)) {
+            if let Err(e) = super::tcp_keepalive(&raw) {
+                tracing::debug!("manager: no keepalive on a TCP connection: {e}");
+            }
+        }
         let deadline = Instant::now() + l.handshake_timeout();
         if let Err(e) = auth::server_handshake(&mut raw, l.authkey(), deadline) {
             tracing::debug!("manager: refused a client: {e}");
@@ -653,20 +659,39 @@ impl Server {
         }
         raw.set_spin(SERVER_SPIN);
         let mut shutdown = false;
+        // Set once the client asks for it (Unix sockets): requests and replies then cross
+        // shared memory (see lane.rs).
+        let mut lane: Option<Lane> = None;
+        let mut out = Vec::new();
         loop {
-            let req = raw.recv_with(None, |b, _| {
+            let decode = |b: &[u8]| {
                 postcard::from_bytes::<Request<'_>>(b)
                     .map(|r| (r.obj, r.method.to_string(), r.args.to_vec()))
                     .map_err(|e| Error::Decode(e.to_string()))
-            });
+            };
+            let req = match &mut lane {
+                Some(l) => l.recv(&mut raw, decode),
+                None => raw.recv_with(None, |b, _| decode(b)),
+            };
             let (obj, method, args) = match req {
                 Ok(r) => r,
                 Err(Error::Decode(e)) => {
-                    let _ = send_reply(&mut raw, &Err(RemoteError::Other(e)));
+                    let rep = Err(RemoteError::Other(e));
+                    if send_reply(&mut raw, lane.as_mut(), &mut out, &rep).is_err() {
+                        break;
+                    }
                     continue;
                 }
                 Err(_) => break,
             };
+            if obj == 0 && method == "lane" && lane.is_none() {
+                match open_lane(&mut raw) {
+                    Ok(l) => lane = Some(l),
+                    Err(Error::Remote(_)) => {}
+                    Err(_) => break,
+                }
+                continue;
+            }
             let fd = match raw.fileno() {
                 Ok(fd) => fd,
                 Err(_) => break,
@@ -686,7 +711,7 @@ impl Server {
                     None => Err(RemoteError::Other(format!("no object with id {obj}"))),
                 }
             };
-            if send_reply(&mut raw, &rep).is_err() {
+            if send_reply(&mut raw, lane.as_mut(), &mut out, &rep).is_err() {
                 break;
             }
             if shutdown {
@@ -798,11 +823,54 @@ impl Server {
     }
 }
 
-fn send_reply(raw: &mut RawConn, rep: &Reply) -> Result<()> {
-    raw.send_with(|buf| {
-        postcard::to_io(rep, &mut *buf).map_err(|e| Error::Encode(e.to_string()))?;
-        Ok(Vec::new())
-    })
+fn send_reply(
+    raw: &mut RawConn,
+    lane: Option<&mut Lane>,
+    out: &mut Vec<u8>,
+    rep: &Reply,
+) -> Result<()> {
+    match lane {
+        Some(l) => {
+            out.clear();
+            postcard::to_io(rep, &mut *out).map_err(|e| Error::Encode(e.to_string()))?;
+            l.send(raw, out)
+        }
+        None => raw.send_with(|buf| {
+            postcard::to_io(rep, &mut *buf).map_err(|e| Error::Encode(e.to_string()))?;
+            Ok(Vec::new())
+        }),
+    }
+}
+
+/// Answers a client's `lane` request: makes the shared file and sends it with the reply. On
+/// success the connection continues on the lane. [`Error::Remote`] when no lane could be made
+/// (the client was told and carries on over the socket); any other error is the connection's.
+fn open_lane(raw: &mut RawConn) -> Result<Lane> {
+    let made = Lane::create();
+    let (lane, fd) = match made {
+        Ok(x) => x,
+        Err(e) => {
+            let rep: Reply = Err(RemoteError::Other(format!("no fast lane: {e}")));
+            send_reply(raw, None, &mut Vec::new(), &rep)?;
+            return Err(Error::Remote(e.to_string()));
+        }
+    };
+    let rep: Reply = Ok(Vec::new());
+    // Over TCP the descriptor cannot travel: the send fails before anything is written, and
+    // the client is told so instead.
+    let sent = raw.send_with(|buf| {
+        postcard::to_io(&rep, &mut *buf).map_err(|e| Error::Encode(e.to_string()))?;
+        Ok(vec![fd.as_raw_fd()])
+    });
+    match sent {
+        Ok(()) => Ok(lane),
+        Err(Error::Encode(e)) => {
+            let rep: Reply = Err(RemoteError::Other(format!("no fast lane: {e}")));
+            send_reply(raw, None, &mut Vec::new(), &rep)?;
+            Err(Error::Remote(e))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn shutdown_socket(fd: OwnedFd) {

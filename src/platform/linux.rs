@@ -1252,3 +1252,204 @@ pub(crate) fn recv_append(fd: BorrowedFd<'_>, out: &mut Vec<u8>, max: usize) -> 
     unsafe { out.set_len(out.len() + n) };
     Ok(n)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Managers: where a spinning thread runs, and a process id that costs no system call
+// ---------------------------------------------------------------------------------------------
+
+/// The CPU the calling thread runs on now (a hint: it may move at once), or `None` if the
+/// system cannot say. Cheap: glibc reads it from the thread's rseq area or the vDSO.
+pub(crate) fn current_cpu() -> Option<u32> {
+    // SAFETY: sched_getcpu has no preconditions.
+    let r = unsafe { libc::sched_getcpu() };
+    u32::try_from(r).ok()
+}
+
+/// The calling process's id without a system call in the common case: cached in a page the
+/// kernel wipes in a child made by any `fork` (`MADV_WIPEONFORK`), so a child never sees its
+/// parent's pid. Falls back to `getpid` each time if such a page cannot be made.
+pub(crate) fn cached_pid() -> u32 {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let page = *PAGE.get_or_init(|| {
+        // SAFETY: a fresh anonymous private mapping chosen by the kernel; nothing else is
+        // affected. It is never unmapped (it lives as long as the process).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return 0;
+        }
+        // SAFETY: p is the page just mapped.
+        if unsafe { libc::madvise(p, 4096, libc::MADV_WIPEONFORK) } != 0 {
+            // SAFETY: p/4096 is the mapping made above, unused by anyone else.
+            unsafe { libc::munmap(p, 4096) };
+            return 0;
+        }
+        p as usize
+    });
+    if page == 0 {
+        return getpid();
+    }
+    // SAFETY: `page` is a live, page-aligned, read-write mapping of 4096 bytes owned by this
+    // function and only accessed through this atomic view.
+    let word = unsafe { &*(page as *const std::sync::atomic::AtomicU32) };
+    match word.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => {
+            let pid = getpid();
+            word.store(pid, std::sync::atomic::Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
+
+/// Dead-peer detection on a TCP socket: keepalive probes after `idle` without traffic, every
+/// `interval`, `count` of them unanswered closing the connection; and the same bound
+/// (`idle + interval * count`) on data sent but never acknowledged (`TCP_USER_TIMEOUT`). A
+/// peer whose machine vanished (no FIN, no RST) then gives an error instead of an endless wait.
+pub(crate) fn set_tcp_keepalive(
+    fd: BorrowedFd<'_>,
+    idle: Duration,
+    interval: Duration,
+    count: u32,
+) -> Result<()> {
+    let secs = |d: Duration| d.as_secs().clamp(1, i32::MAX as u64) as libc::c_int;
+    let user_ms = (idle + interval * count)
+        .as_millis()
+        .min(libc::c_int::MAX as u128) as libc::c_int;
+    let opts = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs(idle)),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs(interval)),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPCNT,
+            count.clamp(1, i32::MAX as u32) as libc::c_int,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_ms),
+    ];
+    for (level, name, v) in opts {
+        // SAFETY: setsockopt reads exactly size_of::<c_int>() bytes from &v, which lives
+        // across the call.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Reads back what [`set_tcp_keepalive`] sets: `(SO_KEEPALIVE, TCP_KEEPIDLE s, TCP_KEEPINTVL s,
+/// TCP_KEEPCNT, TCP_USER_TIMEOUT ms)`.
+pub(crate) fn tcp_keepalive(fd: BorrowedFd<'_>) -> Result<(bool, i32, i32, i32, i32)> {
+    let get = |level: libc::c_int, name: libc::c_int| -> Result<i32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes to &mut v and updates len; both live
+        // across the call.
+        cvt(unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(v)
+    };
+    Ok((
+        get(libc::SOL_SOCKET, libc::SO_KEEPALIVE)? != 0,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)?,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL)?,
+        get(libc::IPPROTO_TCP, libc::TCP_KEEPCNT)?,
+        get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT)?,
+    ))
+}
+
+/// A memfd of `size` bytes (zero-filled, close-on-exec) whose size is sealed: it can neither
+/// shrink nor grow, and the seals cannot be changed. Whoever it is shared with can map it
+/// without fearing a `SIGBUS` from a peer that shrinks it.
+pub(crate) fn memfd_fixed_size(name: &CStr, size: usize) -> Result<OwnedFd> {
+    // SAFETY: name is NUL-terminated; flags are valid.
+    let r = cvt(unsafe {
+        libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    })?;
+    // SAFETY: the fd was just created.
+    let fd = unsafe { OwnedFd::from_raw_fd(r) };
+    ftruncate(fd.as_fd_ref(), size)?;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a valid fd with an int argument.
+    cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
+    Ok(fd)
+}
+
+/// True when the file behind `fd` is sealed against shrinking (see [`memfd_fixed_size`]).
+pub(crate) fn size_sealed(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: fcntl on a valid fd; F_GET_SEALS takes no argument.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    r >= 0 && r & libc::F_SEAL_SHRINK != 0
+}
+
+#[cfg(test)]
+mod manager_support_tests {
+    use super::*;
+
+    #[test]
+    fn cached_pid_is_the_pid_and_a_forked_child_sees_its_own() {
+        assert_eq!(cached_pid(), std::process::id());
+        // SAFETY: the child only calls cached_pid (its page is already made, so no lock is
+        // taken), getpid and _exit: no allocation, nothing another thread could hold.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            // SAFETY: getpid and _exit are async-signal-safe.
+            let ok = cached_pid() == unsafe { libc::getpid() } as u32;
+            // SAFETY: as above.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child just forked; status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        assert_eq!(r, child);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        assert_eq!(cached_pid(), std::process::id());
+    }
+
+    #[test]
+    fn current_cpu_is_one_of_ours() {
+        let c = current_cpu().expect("Linux knows the CPU");
+        assert!((c as usize) < 4096);
+    }
+
+    #[test]
+    fn a_fixed_size_memfd_cannot_shrink() {
+        let fd = memfd_fixed_size(c"fixed", 8192).unwrap();
+        assert!(size_sealed(fd.as_fd_ref()));
+        assert!(ftruncate(fd.as_fd_ref(), 4096).is_err());
+        assert_eq!(fstat_size(fd.as_fd_ref()).unwrap(), 8192);
+        assert!(!size_sealed(memfd(c"plain", 4096).unwrap().as_fd_ref()));
+    }
+
+    #[test]
+    fn tcp_keepalive_options_are_set() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&c);
+        assert!(!tcp_keepalive(fd).unwrap().0);
+        set_tcp_keepalive(fd, Duration::from_secs(10), Duration::from_secs(5), 4).unwrap();
+        assert_eq!(tcp_keepalive(fd).unwrap(), (true, 10, 5, 4, 30_000));
+    }
+}

@@ -1,0 +1,191 @@
+//! Managers' fast lane (requests and replies through shared memory on Unix connections): a
+//! manager killed while clients spin on it, many clients at once, messages larger than the
+//! lane's slot, clients and servers that fall asleep between calls, and a lane-less (TCP)
+//! connection beside lane ones.
+
+use std::time::{Duration, Instant};
+
+use multiproc::managers::{DictProxy, Manager, QueueProxy};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Sets `(id, n)` in a tight loop until a call fails; returns how many succeeded.
+fn hammer((d, id): (DictProxy<(u32, u32), u32>, u32)) -> u32 {
+    let mut n = 0;
+    while d.set(&(id, n), &n).is_ok() {
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_manager_killed_while_clients_spin_fails_them_all_promptly() {
+    let m = Manager::start().unwrap();
+    let d = m.dict::<(u32, u32), u32>().unwrap();
+    let kids: Vec<_> = (0..3)
+        .map(|id| multiproc::spawn(hammer, (d.clone(), id)).unwrap())
+        .collect();
+    let dt = d.clone();
+    let thread = std::thread::spawn(move || hammer((dt, 99)));
+    // Every client is in its loop (each call spins on the lane for its reply) before the kill.
+    let t0 = Instant::now();
+    let all_in = || {
+        [0, 1, 2, 99]
+            .iter()
+            .all(|&id| d.contains(&(id, 5)).unwrap())
+    };
+    while !all_in() && t0.elapsed() < T {}
+    assert!(all_in());
+    let pid = m.server_pid().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for k in kids {
+        let n = k
+            .join_timeout(T)
+            .expect("the child ends (with an error), not hangs");
+        assert!(n > 0);
+    }
+    assert!(thread.join().unwrap() > 0);
+    assert!(d.get(&(0, 0)).is_err());
+}
+
+/// Writes its own keys and reads each back at once (read-your-writes), then checks them all.
+fn writer((d, id, n): (DictProxy<(u32, u32), u64>, u32, u32)) -> Result<u32, String> {
+    for i in 0..n {
+        let v = u64::from(id) << 32 | u64::from(i);
+        d.set(&(id, i), &v).map_err(|e| e.to_string())?;
+        let back = d.get(&(id, i)).map_err(|e| e.to_string())?;
+        if back != Some(v) {
+            return Err(format!("({id}, {i}) read back {back:?}"));
+        }
+    }
+    for i in 0..n {
+        let v = d.get(&(id, i)).map_err(|e| e.to_string())?;
+        if v != Some(u64::from(id) << 32 | u64::from(i)) {
+            return Err(format!("({id}, {i}) later read {v:?}"));
+        }
+    }
+    Ok(n)
+}
+
+#[test]
+fn many_processes_and_threads_keep_one_dict_consistent() {
+    let m = Manager::start().unwrap();
+    let d = m.dict::<(u32, u32), u64>().unwrap();
+    let n = 500;
+    let kids: Vec<_> = (0..4)
+        .map(|id| multiproc::spawn(writer, (d.clone(), id, n)).unwrap())
+        .collect();
+    let threads: Vec<_> = (10..13)
+        .map(|id| {
+            let d = d.clone();
+            std::thread::spawn(move || writer((d, id, n)))
+        })
+        .collect();
+    for k in kids {
+        assert_eq!(k.join_timeout(T).unwrap(), Ok(n));
+    }
+    for t in threads {
+        assert_eq!(t.join().unwrap(), Ok(n));
+    }
+    assert_eq!(d.len().unwrap(), 7 * n as usize);
+    let mut items = d.items().unwrap();
+    items.sort();
+    assert_eq!(items.len(), 7 * n as usize);
+    assert!(
+        items
+            .iter()
+            .all(|((id, i), v)| *v == u64::from(*id) << 32 | u64::from(*i))
+    );
+}
+
+fn big_round_trip((d, len): (DictProxy<u8, Vec<u8>>, usize)) -> bool {
+    let v: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    d.set(&1, &v).unwrap();
+    // Small calls before and after: the lane carries on in step after a large message.
+    d.set(&2, &vec![7]).unwrap();
+    d.get(&1).unwrap() == Some(v) && d.get(&2).unwrap() == Some(vec![7])
+}
+
+#[test]
+fn messages_larger_than_the_lane_slot_cross_both_ways() {
+    let m = Manager::start().unwrap();
+    let d = m.dict::<u8, Vec<u8>>().unwrap();
+    // Around and well beyond the 64 KiB slot, from a child and from here.
+    for len in [60_000, 70_000, 300_000] {
+        assert!(
+            multiproc::spawn(big_round_trip, (d.clone(), len))
+                .unwrap()
+                .join_timeout(T)
+                .unwrap()
+        );
+        assert!(big_round_trip((d.clone(), len)));
+    }
+    // A reply built from many small values (the item list) larger than the slot.
+    let m2 = m.dict::<u32, u64>().unwrap();
+    let kv: Vec<(u32, u64)> = (0..20_000).map(|i| (i, u64::from(i) * 3)).collect();
+    m2.update(&kv).unwrap();
+    let mut items = m2.items().unwrap();
+    items.sort();
+    assert_eq!(items, kv);
+}
+
+fn get_one(q: QueueProxy<u32>) -> u32 {
+    q.get().unwrap()
+}
+
+#[test]
+fn clients_and_servers_that_fall_asleep_are_woken() {
+    let m = Manager::start().unwrap();
+    let d = m.dict::<u32, u32>().unwrap();
+    // Pauses longer than any spin: the server's connection thread sleeps on its socket
+    // between these calls and must be rung awake.
+    for i in 0..20 {
+        d.set(&i, &i).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(d.get(&i).unwrap(), Some(i));
+    }
+    // A child blocked in a call sleeps on its socket for the reply; the put wakes it.
+    let q = m.queue::<u32>(0).unwrap();
+    for v in 0..3 {
+        let h = multiproc::spawn(get_one, q.clone()).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        q.put(&v).unwrap();
+        assert_eq!(h.join_timeout(T).unwrap(), v);
+    }
+}
+
+fn use_remote((addr, key): (String, Vec<u8>)) -> u32 {
+    let m = Manager::connect(addr.as_str(), &key).unwrap();
+    let d = m.named("d").dict::<u32, u32>().unwrap();
+    for i in 0..200 {
+        d.set(&i, &(i + 1)).unwrap();
+    }
+    (0..200).map(|i| d.get(&i).unwrap().unwrap()).sum()
+}
+
+#[test]
+fn lane_and_tcp_clients_share_one_server() {
+    // One server listening on TCP: its clients have no lane. A second, on an abstract Unix
+    // address, gives its clients lanes. Both serve the same way.
+    let l = multiproc::connection::Listener::bind("127.0.0.1:0", b"k").unwrap();
+    let tcp = l.address().to_string();
+    let server = std::thread::spawn(move || Manager::serve_listener(l, |_| {}));
+    let unix = multiproc::connection::Address::unique_abstract().unwrap();
+    let ul = multiproc::connection::Listener::bind(&unix, b"k").unwrap();
+    let unix_s = ul.address().to_string();
+    let server2 = std::thread::spawn(move || Manager::serve_listener(ul, |_| {}));
+    let want: u32 = (1..=200).sum();
+    for addr in [tcp, unix_s] {
+        let h = multiproc::spawn(use_remote, (addr.clone(), b"k".to_vec())).unwrap();
+        assert_eq!(h.join_timeout(T).unwrap(), want);
+        assert_eq!(use_remote((addr.clone(), b"k".to_vec())), want);
+        let mut m = Manager::connect(addr.as_str(), b"k").unwrap();
+        m.shutdown().unwrap();
+    }
+    server.join().unwrap().unwrap();
+    server2.join().unwrap().unwrap();
+}
