@@ -34,6 +34,8 @@ const WAIT_SLICE: Duration = Duration::from_millis(50);
 const SPIN_FOR: Duration = Duration::from_micros(200);
 /// The first part of that wait spins without yielding the CPU.
 const SPIN_ONLY_FOR: Duration = Duration::from_micros(20);
+/// Past the soft limit, bytes put between two looks at the get side's `free`.
+const SOFT_CHECK_EVERY: u64 = 64 * 1024;
 /// CPU pauses between two looks at the peer's progress while spinning.
 const SPIN_PAUSES: u32 = 16;
 /// `try_lock` attempts (with growing pauses between them) before blocking in the kernel.
@@ -174,6 +176,9 @@ struct PutState {
     /// The `free` the previous put past the soft limit saw in this lap (`NO_POS`: none yet), to
     /// tell whether getters are consuming. A hint, like `free_seen`.
     soft_free: AtomicU64,
+    /// `tail` at that put (`NO_POS`: none yet). Past the limit a putter reads the get side's
+    /// line once per `SOFT_CHECK_EVERY` bytes put, not once per message.
+    soft_check: AtomicU64,
 }
 
 /// Changed only under the get lock (through its undo log).
@@ -191,6 +196,9 @@ struct GetState {
     done: AtomicU64,
     /// Large gets copying outside the lock (slots whose `pos` a get set).
     inflight: AtomicU64,
+    /// The highest `tail` a getter read: records below it are published, so getters scan up to
+    /// it without touching the put side's line. A hint (never above `tail`, which only grows).
+    tail_seen: AtomicU64,
 }
 
 #[repr(C)]
@@ -305,6 +313,7 @@ impl Shared {
             slot.0.pos.store(NO_POS, Ordering::Relaxed);
         }
         h.put.0.soft_free.store(NO_POS, Ordering::Relaxed);
+        h.put.0.soft_check.store(NO_POS, Ordering::Relaxed);
         h.fixed.0.cap.store(cap as u64, Ordering::Relaxed);
         h.fixed.0.maxsize.store(maxsize, Ordering::Relaxed);
         h.fixed.0.joinable.store(joinable as u64, Ordering::Relaxed);
@@ -528,9 +537,21 @@ impl Shared {
         debug_assert_eq!(g.side, Side::Get);
         let gs = self.gs();
         let free = gs.free.load(Ordering::Relaxed);
-        let tail = self.ps().tail.load(Ordering::Acquire);
+        let mut tail = gs.tail_seen.load(Ordering::Relaxed);
         let mut f = from;
-        while f < tail {
+        loop {
+            if f >= tail {
+                // Never look at or past the real `tail`: what lies there is free space, with
+                // stale states from an earlier lap.
+                tail = self.published_tail();
+                if f >= tail {
+                    break;
+                }
+            }
+            debug_assert!(
+                f < self.ps().tail.load(Ordering::Acquire),
+                "reclaim past tail"
+            );
             let k = kind(self.rec_state(f).load(Ordering::Acquire));
             if k != DONE && k != PAD {
                 break;
@@ -571,7 +592,8 @@ impl Shared {
         let rec = rec_size(len);
         let mut free = ps.free_seen.load(Ordering::Relaxed);
         let mut consuming = false;
-        if self.offset(tail) >= self.soft {
+        let last = ps.soft_check.load(Ordering::Relaxed);
+        if self.offset(tail) >= self.soft && (last == NO_POS || tail >= last + SOFT_CHECK_EVERY) {
             // Past the soft limit the true `free` decides whether to wrap early (a stale one
             // would walk the whole ring, touching every page), and whether getters are taking
             // messages (it moved since the previous put past the limit).
@@ -579,6 +601,7 @@ impl Shared {
             let before = ps.soft_free.load(Ordering::Relaxed);
             consuming = before != NO_POS && free > before;
             ps.soft_free.store(free, Ordering::Relaxed);
+            ps.soft_check.store(tail, Ordering::Relaxed);
             ps.free_seen.store(free, Ordering::Relaxed);
         }
         let fits = |free| placement(self.cap, free, tail, rec, self.soft, consuming);
@@ -603,6 +626,7 @@ impl Shared {
             self.rec_state(tail).store(PAD, Ordering::Release);
             // A new lap: whether getters keep up is judged afresh past the limit.
             ps.soft_free.store(NO_POS, Ordering::Relaxed);
+            ps.soft_check.store(NO_POS, Ordering::Relaxed);
         }
         Some(tail + pad)
     }
@@ -610,23 +634,47 @@ impl Shared {
     /// Get side: finds the first READY record from `head`; returns it and where `head` goes
     /// once it is claimed.
     fn find_ready(&self) -> Option<(u64, u64)> {
-        let tail = self.ps().tail.load(Ordering::Acquire);
-        let mut p = self.gs().head.load(Ordering::Relaxed);
+        let gs = self.gs();
+        let mut p = gs.head.load(Ordering::Relaxed);
         let mut first_writing = None;
-        while p < tail {
-            match kind(self.rec_state(p).load(Ordering::Acquire)) {
-                READY => {
-                    let next = self.next(p);
-                    return Some((p, first_writing.unwrap_or(next)));
+        // Scan what getters already know is published first: the put side's line is only
+        // pulled over when that runs out.
+        let mut tail = gs.tail_seen.load(Ordering::Relaxed);
+        loop {
+            while p < tail {
+                debug_assert!(p < self.ps().tail.load(Ordering::Acquire), "scan past tail");
+                match kind(self.rec_state(p).load(Ordering::Acquire)) {
+                    READY => {
+                        let next = self.next(p);
+                        return Some((p, first_writing.unwrap_or(next)));
+                    }
+                    WRITING => {
+                        first_writing.get_or_insert(p);
+                    }
+                    _ => {}
                 }
-                WRITING => {
-                    first_writing.get_or_insert(p);
-                }
-                _ => {}
+                p = self.next(p);
             }
-            p = self.next(p);
+            let now = self.published_tail();
+            if now == tail {
+                return None;
+            }
+            tail = now;
         }
-        None
+    }
+
+    /// Get side: reads `tail` from the put side and remembers it in `tail_seen`.
+    fn published_tail(&self) -> u64 {
+        let tail = self.ps().tail.load(Ordering::Acquire);
+        self.gs().tail_seen.fetch_max(tail, Ordering::Relaxed);
+        tail
+    }
+
+    /// Lock-free: whether a get may find something (known unread records, or the counters).
+    fn maybe_ready(&self) -> bool {
+        let gs = self.gs();
+        gs.head.load(Ordering::Relaxed) < gs.tail_seen.load(Ordering::Relaxed)
+            || self.ready_hint() > 0
     }
 
     /// Takes a free operation slot (non-blocking), repairing it first if its last holder died
@@ -964,7 +1012,7 @@ impl Shared {
         let mut phase = Phase::Fresh;
         loop {
             let deadline = wait.deadline();
-            if phase != Phase::Sleep && self.ready_hint() == 0 {
+            if phase != Phase::Sleep && !self.maybe_ready() {
                 // Nothing to take by the counters: no need for the lock yet.
                 if self.drained() {
                     return Err(Error::Closed);
