@@ -1383,6 +1383,17 @@ pub(crate) fn tcp_keepalive(fd: BorrowedFd<'_>) -> Result<(bool, i32, i32, i32, 
 /// shrink nor grow, and the seals cannot be changed. Whoever it is shared with can map it
 /// without fearing a `SIGBUS` from a peer that shrinks it.
 pub(crate) fn memfd_fixed_size(name: &CStr, size: usize) -> Result<OwnedFd> {
+    let fd = memfd_sealable(name, size)?;
+    add_seals(
+        fd.as_fd_ref(),
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+    )?;
+    Ok(fd)
+}
+
+/// A memfd of `size` bytes (zero-filled, close-on-exec) that may be sealed later
+/// ([`add_seals`]) but is not sealed yet.
+pub(crate) fn memfd_sealable(name: &CStr, size: usize) -> Result<OwnedFd> {
     // SAFETY: name is NUL-terminated; flags are valid.
     let r = cvt(unsafe {
         libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
@@ -1390,10 +1401,14 @@ pub(crate) fn memfd_fixed_size(name: &CStr, size: usize) -> Result<OwnedFd> {
     // SAFETY: the fd was just created.
     let fd = unsafe { OwnedFd::from_raw_fd(r) };
     ftruncate(fd.as_fd_ref(), size)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    Ok(fd)
+}
+
+/// `fcntl(F_ADD_SEALS)`: adds `seals` (`F_SEAL_*` bits) to a sealable memfd.
+pub(crate) fn add_seals(fd: BorrowedFd<'_>, seals: libc::c_int) -> Result<()> {
     // SAFETY: fcntl on a valid fd with an int argument.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
-    Ok(fd)
+    Ok(())
 }
 
 /// True when the file behind `fd` is sealed against shrinking (see [`memfd_fixed_size`]).
