@@ -240,7 +240,14 @@ impl Conn {
             out: Vec::new(),
         };
         if matches!(ep.address, Address::Tcp(_)) {
-            tcp_keepalive(conn.c.raw_mut())?;
+            // Without keepalive the connection still works; it only loses the bound on how
+            // long a vanished peer goes unnoticed. Not worth failing the call over.
+            if let Err(e) = tcp_keepalive(conn.c.raw_mut()) {
+                tracing::warn!(
+                    "manager: no keepalive on the TCP connection to {}: {e}",
+                    ep.address
+                );
+            }
         } else {
             conn.send(0, "lane", &[])?;
             let raw = conn.c.raw_mut();
