@@ -1,11 +1,17 @@
 //! Managers' fast lane (requests and replies through shared memory on Unix connections): a
 //! manager killed while clients spin on it, many clients at once, messages larger than the
-//! lane's slot, clients and servers that fall asleep between calls, and a lane-less (TCP)
-//! connection beside lane ones.
+//! lane's slot, clients and servers that fall asleep between calls, a lane-less (TCP)
+//! connection beside lane ones; and the per-process connection cache: connections to managers
+//! that went away are not kept, and managers or lock guards dropped by thread-local
+//! destructors do not abort the process.
+//!
+//! The descriptor counts below are per process: nextest runs each test in its own.
 
+use std::cell::RefCell;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use multiproc::managers::{DictProxy, Manager, QueueProxy};
+use multiproc::managers::{DictProxy, LockGuard, LockProxy, Manager, QueueProxy};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -188,4 +194,172 @@ fn lane_and_tcp_clients_share_one_server() {
     }
     server.join().unwrap().unwrap();
     server2.join().unwrap().unwrap();
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn lane_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("multiproc-manager-lane"))
+        .count()
+}
+
+/// Long-lived threads that each make one call when handed a proxy (and keep their last
+/// connection cached, as every thread does).
+struct Callers {
+    txs: Vec<mpsc::Sender<DictProxy<u32, u32>>>,
+    acks: mpsc::Receiver<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Callers {
+    fn new(n: usize) -> Callers {
+        let (ack_tx, acks) = mpsc::channel();
+        let mut txs = Vec::new();
+        let mut threads = Vec::new();
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel::<DictProxy<u32, u32>>();
+            let ack = ack_tx.clone();
+            threads.push(std::thread::spawn(move || {
+                while let Ok(d) = rx.recv() {
+                    d.set(&1, &1).unwrap();
+                    ack.send(()).unwrap();
+                }
+            }));
+            txs.push(tx);
+        }
+        Callers { txs, acks, threads }
+    }
+
+    /// Every thread calls `d` once.
+    fn call_all(&self, d: &DictProxy<u32, u32>) {
+        for t in &self.txs {
+            t.send(d.clone()).unwrap();
+        }
+        for _ in 0..self.txs.len() {
+            self.acks.recv_timeout(T).unwrap();
+        }
+    }
+
+    fn end(self) {
+        drop(self.txs);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+    }
+}
+
+#[test]
+fn connections_to_shut_down_managers_do_not_pile_up() {
+    // Each round: a manager starts, every thread calls it (displacing its cached connection
+    // to the previous one, which was shut down meanwhile), and it is shut down. Kept, every
+    // displaced connection would cost a socket and a lane mapping per thread per round.
+    let callers = Callers::new(4);
+    let round = || {
+        let m = Manager::start().unwrap();
+        callers.call_all(&m.dict::<u32, u32>().unwrap());
+        drop(m);
+    };
+    round();
+    round();
+    let (f0, m0) = (open_fds(), lane_mappings());
+    for _ in 0..10 {
+        round();
+    }
+    let (f1, m1) = (open_fds(), lane_mappings());
+    callers.end();
+    assert!(
+        f1 <= f0 + 2 && m1 <= m0 + 2,
+        "descriptors {f0} -> {f1}, lane mappings {m0} -> {m1} over 10 managers"
+    );
+}
+
+/// Waits (bounded) until process `pid` has exited (a zombie or gone): its descriptors are
+/// closed by then.
+fn wait_dead(pid: u32) {
+    let t0 = Instant::now();
+    let dead = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised name.
+        Ok(s) => s.rsplit(')').next().unwrap().trim_start().starts_with('Z'),
+        Err(_) => true,
+    };
+    while !dead() {
+        assert!(t0.elapsed() < T, "process {pid} still alive after SIGKILL");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn connections_to_killed_managers_do_not_pile_up() {
+    // As above, but each manager is killed from outside and its `Manager` kept: nobody tells
+    // this process the manager went away, so only the hang-up of its sockets can.
+    let callers = Callers::new(4);
+    let mut kept = Vec::new();
+    let mut round = || {
+        let m = Manager::start().unwrap();
+        callers.call_all(&m.dict::<u32, u32>().unwrap());
+        let pid = m.server_pid().unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        wait_dead(pid);
+        kept.push(m);
+    };
+    round();
+    round();
+    let (f0, m0) = (open_fds(), lane_mappings());
+    for _ in 0..10 {
+        round();
+    }
+    let (f1, m1) = (open_fds(), lane_mappings());
+    callers.end();
+    drop(kept);
+    // Each kept `Manager` holds its server's process handle (a pidfd): one descriptor a round.
+    assert!(
+        f1 <= f0 + 10 + 2 && m1 <= m0 + 2,
+        "descriptors {f0} -> {f1}, lane mappings {m0} -> {m1} over 10 killed managers"
+    );
+}
+
+thread_local! {
+    static KEEP_GUARD: RefCell<Option<LockGuard<'static>>> = const { RefCell::new(None) };
+    static KEEP_MANAGER: RefCell<Option<Manager>> = const { RefCell::new(None) };
+}
+
+/// In a thread, keeps a manager and a held lock's guard in thread-locals that are destroyed
+/// after the thread's connection cache: both then call their manager from a destructor.
+fn drop_from_thread_locals(_: ()) -> bool {
+    let m = Manager::start().unwrap();
+    let lock: &'static LockProxy = Box::leak(Box::new(m.lock().unwrap()));
+    let t = std::thread::spawn(move || {
+        // Thread-locals are destroyed in the reverse order of their first use: touch ours
+        // before the first call sets up the connection cache.
+        KEEP_GUARD.with(|_| ());
+        KEEP_MANAGER.with(|k| *k.borrow_mut() = Some(Manager::start().unwrap()));
+        let g = lock.acquire().unwrap();
+        KEEP_GUARD.with(|k| *k.borrow_mut() = Some(g));
+        KEEP_MANAGER.with(|k| {
+            let k = k.borrow();
+            k.as_ref()
+                .unwrap()
+                .dict::<u32, u32>()
+                .unwrap()
+                .set(&1, &1)
+                .unwrap();
+        });
+    });
+    t.join().is_ok() && !lock.locked().unwrap()
+}
+
+#[test]
+fn a_manager_and_a_lock_guard_dropped_by_thread_local_destructors() {
+    // In a child: before the fix the destructors' calls aborted the whole process.
+    let h = multiproc::spawn(drop_from_thread_locals, ()).unwrap();
+    assert!(h.join_timeout(T).expect("the child survives"));
 }

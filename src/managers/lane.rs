@@ -145,12 +145,16 @@ impl Lane {
     /// Opens the client's side of a lane from the descriptor the server sent. The descriptor
     /// can be closed afterwards (the mapping keeps the file alive).
     pub(crate) fn open(fd: BorrowedFd<'_>) -> Result<Lane> {
-        let size = platform::fstat_size(fd)?;
+        // Seals first, size second: once F_SEAL_SHRINK is set the size can no longer drop, so
+        // the size read after it is a floor for as long as we map the file. (The other order
+        // lets a peer shrink then seal between the two looks: we would map a file that is now
+        // too short and die of SIGBUS on the first access.)
         if !platform::size_sealed(fd) {
             return Err(Error::MalformedFrame(
                 "manager lane file not sealed against shrinking".into(),
             ));
         }
+        let size = platform::fstat_size(fd)?;
         if size != SIZE {
             return Err(Error::MalformedFrame(format!(
                 "manager lane of {size} bytes, expected {SIZE}"
@@ -250,10 +254,16 @@ impl Lane {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.reserve(len);
-        // SAFETY: `in_data..in_data + len` lies inside the mapping (len <= CAP, checked above);
-        // the peer wrote these bytes before publishing the sequence number we loaded with
-        // acquire ordering (in `wait`) and does not touch them until we reply. `buf` has room
-        // for `len` bytes, which the copy initialises before `set_len`.
+        // SAFETY: `in_data..in_data + len` lies inside the mapping (len <= CAP, checked above)
+        // and `buf` has room for `len` bytes, which the copy initialises before `set_len`. An
+        // honest peer wrote these bytes before publishing the sequence number we loaded with
+        // acquire ordering (in `wait`) and does not touch them until we reply. A hostile peer
+        // (another process) may write them while we copy: we cannot stop that, and it is
+        // harmless because the area is only ever read with this raw byte copy (no reference
+        // into it exists, and every byte value is a valid `u8`) into our private `buf`, and
+        // decoding starts only after the copy, on `buf`: changing bytes can give a garbled
+        // message (a decode error, or a wrong value for that peer's own call), never a
+        // decoder that sees the input change under it or a read outside the mapping.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.map.as_ptr().add(self.w.in_data),
@@ -468,6 +478,71 @@ mod tests {
         assert!(Lane::open(fd.as_fd()).is_err());
         let fd = platform::memfd_fixed_size(c"not-a-lane", SIZE).unwrap();
         assert!(Lane::open(fd.as_fd()).is_err());
+    }
+
+    /// A hostile server shrinks the file and then seals it while the client checks it: the
+    /// client must refuse the file, never map one that is too short (SIGBUS kills the test
+    /// binary if it does).
+    #[test]
+    fn open_never_maps_a_file_shrunk_then_sealed_under_it() {
+        use std::fs::File;
+        use std::os::unix::fs::FileExt;
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+
+        // `turn` is the round the racer may play (0: the racer is done with it).
+        let turn = Arc::new(AtomicUsize::new(0));
+        let slot: Arc<std::sync::Mutex<Option<Arc<File>>>> = Default::default();
+        let (turn2, slot2) = (turn.clone(), slot.clone());
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let racer = std::thread::spawn(move || {
+            let mut x = 1u64;
+            let mut round = 1;
+            loop {
+                let t = loop {
+                    let t = turn2.load(Ordering::Acquire);
+                    if t == round || t == usize::MAX {
+                        break t;
+                    }
+                    std::hint::spin_loop();
+                };
+                if t == usize::MAX {
+                    return;
+                }
+                let f = slot2.lock().unwrap().take().unwrap();
+                // A random delay, so the shrink lands anywhere inside the client's checks.
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                for _ in 0..(x >> 57) {
+                    std::hint::spin_loop();
+                }
+                f.set_len(0).unwrap();
+                platform::add_seals(f.as_fd(), libc::F_SEAL_SHRINK).unwrap();
+                turn2.store(0, Ordering::Release);
+                round += 1;
+            }
+        });
+        let mut round = 0;
+        while Instant::now() < deadline {
+            round += 1;
+            let f = File::from(platform::memfd_sealable(c"racy-lane", SIZE).unwrap());
+            f.write_all_at(&MAGIC.to_le_bytes(), MAGIC_AT as u64)
+                .unwrap();
+            let f = Arc::new(f);
+            *slot.lock().unwrap() = Some(f.clone());
+            turn.store(round, Ordering::Release);
+            // Unsealed when looked at, or sealed at size 0: refused either way. Reading the
+            // magic word of a mapping past the end of the file would raise SIGBUS.
+            let r = Lane::open(f.as_fd());
+            assert!(r.is_err(), "round {round}: opened a shrunk file");
+            while turn.load(Ordering::Acquire) != 0 {
+                std::hint::spin_loop();
+            }
+        }
+        turn.store(usize::MAX, Ordering::Release);
+        racer.join().unwrap();
+        assert!(round > 100, "only {round} rounds ran");
     }
 
     #[test]

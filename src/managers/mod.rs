@@ -51,7 +51,7 @@ pub use proxies::{
 };
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -90,6 +90,9 @@ pub(crate) fn tcp_keepalive(raw: &crate::connection::RawConn) -> Result<()> {
 
 /// Idle connections kept per manager per process.
 const POOL_KEEP: usize = 16;
+/// Forgotten managers remembered per process (see `ConnPool::forgotten`); older ones are
+/// still caught by the hang-up check.
+const FORGOTTEN_KEEP: usize = 64;
 
 /// One method call.
 #[derive(Serialize, Deserialize)]
@@ -237,7 +240,14 @@ impl Conn {
             out: Vec::new(),
         };
         if matches!(ep.address, Address::Tcp(_)) {
-            tcp_keepalive(conn.c.raw_mut())?;
+            // Without keepalive the connection still works; it only loses the bound on how
+            // long a vanished peer goes unnoticed. Not worth failing the call over.
+            if let Err(e) = tcp_keepalive(conn.c.raw_mut()) {
+                tracing::warn!(
+                    "manager: no keepalive on the TCP connection to {}: {e}",
+                    ep.address
+                );
+            }
         } else {
             conn.send(0, "lane", &[])?;
             let raw = conn.c.raw_mut();
@@ -255,6 +265,15 @@ impl Conn {
             conn.lane = lane;
         }
         Ok(conn)
+    }
+
+    /// Whether the server hung up (or broke protocol): an idle connection's socket has
+    /// nothing to read until its next request, so a readable one is at its end.
+    fn hung_up(&mut self) -> bool {
+        match self.c.raw_mut().fileno() {
+            Ok(fd) => platform::poll_read(fd, Some(Duration::ZERO)).unwrap_or(true),
+            Err(_) => true,
+        }
     }
 
     /// The connection's socket (for tests).
@@ -309,9 +328,77 @@ struct ConnPool {
     /// parent's sockets, so it starts an empty pool.
     pid: u32,
     idle: HashMap<Endpoint, Vec<Conn>>,
+    /// Managers this process saw go away ([`forget_endpoint`]), most recent last: connections
+    /// to them that other threads still hold are dropped when they come back, not pooled.
+    forgotten: VecDeque<Endpoint>,
+}
+
+impl ConnPool {
+    /// Drops (returns, to drop outside the lock) every idle connection whose server hung up:
+    /// shut down, or killed from outside without anyone forgetting its endpoint.
+    fn sweep(&mut self) -> Vec<Conn> {
+        let n = self.idle.values().map(Vec::len).sum::<usize>();
+        let dead: Vec<bool> = {
+            let fds: Vec<_> = self
+                .idle
+                .values_mut()
+                .flat_map(|v| v.iter_mut())
+                .filter_map(|c| c.c.raw_mut().fileno().ok())
+                .map(|fd| (fd, platform::Interest::Read))
+                .collect();
+            if fds.len() != n {
+                // A connection without a descriptor: cannot happen for a pooled one; give up
+                // on sweeping rather than misattribute the flags.
+                return Vec::new();
+            }
+            match platform::poll(&fds, Some(Duration::ZERO)) {
+                Ok(f) => f,
+                Err(_) => return Vec::new(),
+            }
+        };
+        let mut out = Vec::new();
+        let mut i = 0;
+        for v in self.idle.values_mut() {
+            let mut keep = Vec::with_capacity(v.len());
+            for c in v.drain(..) {
+                if dead[i] {
+                    out.push(c);
+                } else {
+                    keep.push(c);
+                }
+                i += 1;
+            }
+            *v = keep;
+        }
+        self.idle.retain(|_, v| !v.is_empty());
+        out
+    }
 }
 
 static POOL: Mutex<Option<ConnPool>> = Mutex::new(None);
+
+/// Runs `f` on this process's pool (made empty if it is missing or inherited through fork).
+fn with_pool<R>(pid: u32, f: impl FnOnce(&mut ConnPool) -> R) -> R {
+    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = g.get_or_insert_with(|| ConnPool {
+        pid,
+        idle: HashMap::new(),
+        forgotten: VecDeque::new(),
+    });
+    if p.pid != pid {
+        // Inherited through fork: these sockets are the parent's too, so using them would
+        // mix two processes' requests. Closing our copies (below, after the lock) is harmless
+        // to the parent.
+        let old = std::mem::take(&mut p.idle);
+        p.forgotten.clear();
+        p.pid = pid;
+        let r = f(p);
+        drop(g);
+        drop(old);
+        return r;
+    }
+    f(p)
+}
 
 /// Each thread's most recently used connection, kept out of the shared pool: a thread calling
 /// one manager in a loop takes and returns it with no lock, no hashing and no allocation.
@@ -327,103 +414,142 @@ thread_local! {
 
 pub(crate) fn take_conn(ep: &Endpoint) -> Result<Conn> {
     let pid = platform::cached_pid();
-    let recent = RECENT.with(|r| {
-        let mut r = r.borrow_mut();
-        match r.as_mut() {
-            Some(x) if x.pid == pid && x.ep == *ep => x.conn.take(),
-            _ => None,
-        }
-    });
+    // `try_with`: from a thread-local destructor (a `Manager` or a lock guard kept in a
+    // thread-local) this thread's slot may be gone already; use the pool then.
+    let recent = RECENT
+        .try_with(|r| {
+            let mut r = r.borrow_mut();
+            match r.as_mut() {
+                Some(x) if x.pid == pid && x.ep == *ep => x.conn.take(),
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten();
     if let Some(c) = recent {
         return Ok(c);
     }
-    {
-        let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let p = g.get_or_insert_with(|| ConnPool {
-            pid,
-            idle: HashMap::new(),
-        });
-        if p.pid != pid {
-            // Inherited through fork: these sockets are the parent's too, so using them would
-            // mix two processes' requests. Closing our copies is harmless to the parent.
-            p.idle.clear();
-            p.pid = pid;
+    let pooled = with_pool(pid, |p| {
+        let v = p.idle.get_mut(ep)?;
+        let c = v.pop();
+        if v.is_empty() {
+            p.idle.remove(ep);
         }
-        if let Some(c) = p.idle.get_mut(ep).and_then(Vec::pop) {
-            return Ok(c);
-        }
+        c
+    });
+    if let Some(c) = pooled {
+        return Ok(c);
     }
-    Conn::open(ep)
+    let c = Conn::open(ep)?;
+    // A server answers there (again: a manager served anew at the same address), so
+    // connections to it may be pooled once more.
+    with_pool(pid, |p| {
+        if !p.forgotten.is_empty() {
+            p.forgotten.retain(|e| e != ep);
+        }
+    });
+    Ok(c)
 }
 
 /// Drops this process's idle connections to `ep` (its server is going away): the pool's and
-/// this thread's recent one (other threads' recent ones fail on their next use and are
-/// dropped then).
+/// this thread's recent one. Other threads' recent ones fail on their next use, or are
+/// dropped when another connection takes their place (`ep` is remembered as forgotten, and a
+/// connection whose server hung up is never pooled).
 fn forget_endpoint(ep: &Endpoint) {
     let pid = platform::cached_pid();
-    RECENT.with(|r| {
-        let mut r = r.borrow_mut();
-        if r.as_ref().is_some_and(|x| x.ep == *ep || x.pid != pid) {
-            *r = None;
+    let mine = RECENT
+        .try_with(|r| {
+            let mut r = r.borrow_mut();
+            if r.as_ref().is_some_and(|x| x.ep == *ep || x.pid != pid) {
+                r.take()
+            } else {
+                None
+            }
+        })
+        .ok()
+        .flatten();
+    drop(mine);
+    let idle = with_pool(pid, |p| {
+        p.forgotten.retain(|e| e != ep);
+        if p.forgotten.len() >= FORGOTTEN_KEEP {
+            p.forgotten.pop_front();
         }
+        p.forgotten.push_back(ep.clone());
+        p.idle.remove(ep)
     });
-    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = g.as_mut() {
-        if p.pid == pid {
-            p.idle.remove(ep);
-        }
-    }
+    drop(idle);
 }
 
 pub(crate) fn give_back(ep: &Endpoint, c: Conn) {
     let pid = platform::cached_pid();
     // Into this thread's slot if it is free (or holds another manager's or process's
-    // connection, which moves to the pool or is dropped), else into the pool.
-    let c = RECENT.with(|r| {
-        let mut r = r.borrow_mut();
-        match r.as_mut() {
-            Some(x) if x.pid == pid && x.ep == *ep => {
-                if x.conn.is_none() {
-                    x.conn = Some(c);
-                    return None;
-                }
-                Some(c)
-            }
-            _ => {
-                let old = r.replace(Recent {
-                    pid,
-                    ep: ep.clone(),
-                    conn: Some(c),
-                });
-                match old {
-                    Some(Recent {
-                        pid: p,
-                        ep: e,
-                        conn: Some(c),
-                    }) if p == pid => {
-                        pool_put(pid, &e, c);
-                        None
+    // connection, which moves to the pool or is dropped), else into the pool. If the slot is
+    // gone (called from a thread-local destructor), into the pool.
+    let mut c = Some(c);
+    let displaced = RECENT
+        .try_with(|r| {
+            let mut r = r.borrow_mut();
+            match r.as_mut() {
+                Some(x) if x.pid == pid && x.ep == *ep => {
+                    if x.conn.is_none() {
+                        x.conn = c.take();
                     }
-                    _ => None,
+                    None
+                }
+                _ => {
+                    let old = r.replace(Recent {
+                        pid,
+                        ep: ep.clone(),
+                        conn: c.take(),
+                    });
+                    match old {
+                        Some(Recent {
+                            pid: p,
+                            ep: e,
+                            conn: Some(o),
+                        }) if p == pid => Some((e, o)),
+                        // Nothing, or another process's (inherited through fork): dropped.
+                        _ => None,
+                    }
                 }
             }
-        }
-    });
+        })
+        .ok()
+        .flatten();
+    if let Some((e, o)) = displaced {
+        pool_put(pid, &e, o);
+    }
     if let Some(c) = c {
         pool_put(pid, ep, c);
     }
 }
 
-fn pool_put(pid: u32, ep: &Endpoint, c: Conn) {
-    let mut g = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = g.as_mut() {
-        if p.pid == pid {
-            let v = p.idle.entry(ep.clone()).or_default();
-            if v.len() < POOL_KEEP {
-                v.push(c);
-            }
-        }
+/// Puts an idle connection into the pool, unless its manager went away: forgotten by this
+/// process, or hung up (the socket of an idle connection is readable only at its end).
+fn pool_put(pid: u32, ep: &Endpoint, mut c: Conn) {
+    if c.hung_up() {
+        return;
     }
+    let dropped = with_pool(pid, |p| {
+        if p.forgotten.contains(ep) {
+            return (Some(c), Vec::new());
+        }
+        // A manager we have not pooled for yet: a good moment to drop idle connections to
+        // managers that died since (killed from outside, never forgotten here).
+        let swept = if p.idle.contains_key(ep) {
+            Vec::new()
+        } else {
+            p.sweep()
+        };
+        let v = p.idle.entry(ep.clone()).or_default();
+        if v.len() < POOL_KEEP {
+            v.push(c);
+            (None, swept)
+        } else {
+            (Some(c), swept)
+        }
+    });
+    drop(dropped);
 }
 
 /// Calls `method` on object `obj` of the manager at `ep`.

@@ -6,7 +6,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::error::{Error, ExitStatus, Result};
@@ -1268,45 +1268,76 @@ pub(crate) fn current_cpu() -> Option<u32> {
 /// The calling process's id without a system call in the common case: cached in a page the
 /// kernel wipes in a child made by any `fork` (`MADV_WIPEONFORK`), so a child never sees its
 /// parent's pid. Falls back to `getpid` each time if such a page cannot be made.
+///
+/// The page is made lock-free (see [`pid_page`]): no `OnceLock`, whose "being initialised"
+/// state a child forked at that moment would inherit with nobody left to finish it.
 pub(crate) fn cached_pid() -> u32 {
-    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let page = *PAGE.get_or_init(|| {
-        // SAFETY: a fresh anonymous private mapping chosen by the kernel; nothing else is
-        // affected. It is never unmapped (it lives as long as the process).
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return 0;
-        }
-        // SAFETY: p is the page just mapped.
-        if unsafe { libc::madvise(p, 4096, libc::MADV_WIPEONFORK) } != 0 {
-            // SAFETY: p/4096 is the mapping made above, unused by anyone else.
-            unsafe { libc::munmap(p, 4096) };
-            return 0;
-        }
-        p as usize
-    });
+    static PAGE: AtomicUsize = AtomicUsize::new(0);
+    cached_pid_in(&PAGE)
+}
+
+/// A [`cached_pid`] slot's value when no page could be made (pages are 4096-aligned, so no
+/// page has this address).
+const NO_PID_PAGE: usize = 1;
+
+/// [`cached_pid`] with its page address kept in `slot` (0: not made yet).
+fn cached_pid_in(slot: &AtomicUsize) -> u32 {
+    let mut page = slot.load(Ordering::Acquire);
     if page == 0 {
+        page = pid_page(slot);
+    }
+    if page == NO_PID_PAGE {
         return getpid();
     }
-    // SAFETY: `page` is a live, page-aligned, read-write mapping of 4096 bytes owned by this
-    // function and only accessed through this atomic view.
-    let word = unsafe { &*(page as *const std::sync::atomic::AtomicU32) };
-    match word.load(std::sync::atomic::Ordering::Relaxed) {
+    // SAFETY: `page` is a live, page-aligned, read-write mapping of 4096 bytes, published in
+    // `slot` and never unmapped, only ever accessed through this atomic view.
+    let word = unsafe { &*(page as *const AtomicU32) };
+    match word.load(Ordering::Relaxed) {
         0 => {
             let pid = getpid();
-            word.store(pid, std::sync::atomic::Ordering::Relaxed);
+            word.store(pid, Ordering::Relaxed);
             pid
         }
         pid => pid,
+    }
+}
+
+/// Makes the wipe-on-fork page and publishes it in `slot` with one compare-exchange: threads
+/// that race each make a page, the first to publish wins and the others unmap theirs. Nobody
+/// ever waits, so a child forked in the middle (which inherits only the forking thread) finds
+/// either nothing published (and makes its own page) or a published, wiped page.
+fn pid_page(slot: &AtomicUsize) -> usize {
+    // SAFETY: a fresh anonymous private mapping chosen by the kernel; nothing else is
+    // affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    let mine = if p == libc::MAP_FAILED {
+        NO_PID_PAGE
+    // SAFETY: p is the page just mapped.
+    } else if unsafe { libc::madvise(p, 4096, libc::MADV_WIPEONFORK) } != 0 {
+        // SAFETY: p/4096 is the mapping made above, unused by anyone else.
+        unsafe { libc::munmap(p, 4096) };
+        NO_PID_PAGE
+    } else {
+        p as usize
+    };
+    match slot.compare_exchange(0, mine, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => mine,
+        Err(theirs) => {
+            if mine != NO_PID_PAGE {
+                // SAFETY: our page was never published: nobody else knows its address.
+                unsafe { libc::munmap(mine as *mut libc::c_void, 4096) };
+            }
+            theirs
+        }
     }
 }
 
@@ -1383,6 +1414,17 @@ pub(crate) fn tcp_keepalive(fd: BorrowedFd<'_>) -> Result<(bool, i32, i32, i32, 
 /// shrink nor grow, and the seals cannot be changed. Whoever it is shared with can map it
 /// without fearing a `SIGBUS` from a peer that shrinks it.
 pub(crate) fn memfd_fixed_size(name: &CStr, size: usize) -> Result<OwnedFd> {
+    let fd = memfd_sealable(name, size)?;
+    add_seals(
+        fd.as_fd_ref(),
+        libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+    )?;
+    Ok(fd)
+}
+
+/// A memfd of `size` bytes (zero-filled, close-on-exec) that may be sealed later
+/// ([`add_seals`]) but is not sealed yet.
+pub(crate) fn memfd_sealable(name: &CStr, size: usize) -> Result<OwnedFd> {
     // SAFETY: name is NUL-terminated; flags are valid.
     let r = cvt(unsafe {
         libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
@@ -1390,10 +1432,14 @@ pub(crate) fn memfd_fixed_size(name: &CStr, size: usize) -> Result<OwnedFd> {
     // SAFETY: the fd was just created.
     let fd = unsafe { OwnedFd::from_raw_fd(r) };
     ftruncate(fd.as_fd_ref(), size)?;
-    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    Ok(fd)
+}
+
+/// `fcntl(F_ADD_SEALS)`: adds `seals` (`F_SEAL_*` bits) to a sealable memfd.
+pub(crate) fn add_seals(fd: BorrowedFd<'_>, seals: libc::c_int) -> Result<()> {
     // SAFETY: fcntl on a valid fd with an int argument.
     cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) })?;
-    Ok(fd)
+    Ok(())
 }
 
 /// True when the file behind `fd` is sealed against shrinking (see [`memfd_fixed_size`]).
@@ -1426,6 +1472,54 @@ mod manager_support_tests {
         assert_eq!(r, child);
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
         assert_eq!(cached_pid(), std::process::id());
+    }
+
+    /// Threads race to make a fresh slot's page while children are forked: every caller, in
+    /// the parent and in each child, gets its own pid, and no child waits for a page that a
+    /// thread it did not inherit was making.
+    #[test]
+    fn cached_pid_pages_are_made_without_locks_even_across_fork() {
+        let me = std::process::id();
+        for _ in 0..100 {
+            // Leaked: a published page is never unmapped, so its slot must outlive it.
+            let slot: &'static AtomicUsize = Box::leak(Box::new(AtomicUsize::new(0)));
+            let racers: Vec<_> = (0..2)
+                .map(|_| std::thread::spawn(move || cached_pid_in(slot)))
+                .collect();
+            // SAFETY: the child only calls cached_pid_in (mmap, madvise, munmap, getpid and
+            // atomics: no allocation, no lock another thread could hold) and _exit.
+            let child = unsafe { libc::fork() };
+            assert!(child >= 0);
+            if child == 0 {
+                let ok = cached_pid_in(slot) == getpid();
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+            }
+            for r in racers {
+                assert_eq!(r.join().unwrap(), me);
+            }
+            assert_eq!(cached_pid_in(slot), me);
+            let t0 = std::time::Instant::now();
+            let mut status = 0;
+            loop {
+                // SAFETY: polls the child just forked; status is a valid out-pointer.
+                let r = unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) };
+                if r == child {
+                    break;
+                }
+                assert_eq!(r, 0);
+                if t0.elapsed() > Duration::from_secs(10) {
+                    // SAFETY: kills and reaps our own child.
+                    unsafe {
+                        libc::kill(child, libc::SIGKILL);
+                        libc::waitpid(child, &mut status, 0);
+                    }
+                    panic!("a forked child hangs in cached_pid");
+                }
+                std::thread::yield_now();
+            }
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        }
     }
 
     #[test]
