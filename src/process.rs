@@ -257,20 +257,28 @@ fn registry() -> MutexGuard<'static, Vec<Arc<ChildProc>>> {
     REG.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Holds the registry lock across a `fork`, so a forked child sees it consistent.
-pub(crate) struct ForkGuard(MutexGuard<'static, Vec<Arc<ChildProc>>>);
+/// Holds the registry lock (then the manager connection pool's) across a `fork`, so a forked
+/// child sees both consistent.
+pub(crate) struct ForkGuard(
+    MutexGuard<'static, Vec<Arc<ChildProc>>>,
+    crate::managers::ForkLock,
+);
 
 pub(crate) fn fork_guard() -> ForkGuard {
-    ForkGuard(registry())
+    let reg = registry();
+    ForkGuard(reg, crate::managers::lock_for_fork())
 }
 
-/// In a freshly forked child: forget the parent's children (they are not ours) and unlock.
-pub(crate) fn after_fork_in_child(mut g: ForkGuard) {
+/// In a freshly forked child: forget the parent's children (they are not ours), close the
+/// copies of the parent's manager connections, and unlock.
+pub(crate) fn after_fork_in_child(g: ForkGuard) {
+    let ForkGuard(mut reg, pool) = g;
     // The Arcs are copies of the parent's memory; leaking them keeps their descriptors (which
     // are copies too) from being used or double-closed here.
-    let old = std::mem::take(&mut *g.0);
+    let old = std::mem::take(&mut *reg);
     std::mem::forget(old);
-    drop(g);
+    drop(reg);
+    crate::managers::after_fork_in_child(pool);
 }
 
 /// Python's `active_children()`: the children still running; reaps the ones that ended.

@@ -476,3 +476,49 @@ fn remote_queue_pattern_between_three_processes() {
     m.shutdown().unwrap();
     server.join_timeout(T).unwrap();
 }
+
+fn sleeping_grandchild(q: multiproc::Queue<u32>) {
+    q.put(std::process::id()).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn lock_holder_that_forks((lock, q): (LockProxy, multiproc::Queue<u32>)) {
+    let _guard = lock.acquire().unwrap();
+    // A fork-method child inherits this process's memory, the guard's connection included.
+    let mut g =
+        Process::new(sleeping_grandchild, q.clone()).context(get_context(StartMethod::Fork));
+    g.start().unwrap();
+    q.put(0).unwrap();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_lock_held_by_a_killed_process_is_released_though_its_forked_child_lives() {
+    let m = Manager::start().unwrap();
+    let lock = m.lock().unwrap();
+    let q = multiproc::Queue::<u32>::new().unwrap();
+    let mut p = Process::new(lock_holder_that_forks, (lock.clone(), q.clone()));
+    p.start().unwrap();
+    let mut grandchild = 0;
+    for _ in 0..2 {
+        match q.get_timeout(T).unwrap() {
+            0 => {}
+            pid => grandchild = pid,
+        }
+    }
+    assert_ne!(grandchild, 0);
+    assert!(lock.locked().unwrap());
+    p.kill().unwrap();
+    p.join_timeout(T).unwrap().expect("the holder died");
+    // The grandchild still runs, but it gave up its copy of the holder's connection at fork:
+    // the server sees the holder's connection end and releases its lock.
+    let got = lock.acquire_timeout(T).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &grandchild.to_string()])
+        .status();
+    assert!(got.is_some(), "the dead holder's lock was released");
+}

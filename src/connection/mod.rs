@@ -38,7 +38,7 @@ pub use auth::fuzz_handshake_parsers;
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
@@ -258,6 +258,11 @@ impl RawConn {
 
     pub(crate) fn set_spin(&mut self, spin: Duration) {
         self.spin = spin;
+    }
+
+    /// The descriptor's number, if the connection is open.
+    pub(crate) fn raw_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|fd| fd.as_raw_fd())
     }
 
     pub(crate) fn set_max_frame(&mut self, max: u64) {

@@ -52,8 +52,8 @@ pub use proxies::{
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
-use std::sync::Mutex;
+use std::os::fd::{AsFd, RawFd};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -228,12 +228,26 @@ pub(crate) struct Conn {
     out: Vec<u8>,
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(fd) = self.c.raw_mut().raw_fd() {
+            let mut l = live();
+            if let Some(i) = l.iter().position(|&f| f == fd) {
+                l.swap_remove(i);
+            }
+        }
+    }
+}
+
 impl Conn {
     /// Connects and authenticates; over a Unix socket, also asks for a fast lane (a server
     /// that cannot make one says so, and the connection carries on over the socket).
     fn open(ep: &Endpoint) -> Result<Conn> {
         let mut c = connection::Client::connect::<()>(&ep.address, &ep.authkey)?;
         c.set_spin(CLIENT_SPIN);
+        if let Some(fd) = c.raw_mut().raw_fd() {
+            live().push(fd);
+        }
         let mut conn = Conn {
             c,
             lane: None,
@@ -376,6 +390,44 @@ impl ConnPool {
 }
 
 static POOL: Mutex<Option<ConnPool>> = Mutex::new(None);
+
+/// Descriptors of this process's open manager connections, wherever they are (pooled, cached
+/// by a thread, held by a lock guard or a call in progress): see [`after_fork_in_child`].
+static LIVE: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<RawFd>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The connection pool's and the live list's locks, held across a `fork` (after the process
+/// registry's): the child then finds both consistent even if another thread was using them.
+pub(crate) struct ForkLock(
+    MutexGuard<'static, Option<ConnPool>>,
+    MutexGuard<'static, Vec<RawFd>>,
+);
+
+pub(crate) fn lock_for_fork() -> ForkLock {
+    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+    ForkLock(pool, live())
+}
+
+/// In a freshly forked child: its copies of the parent's manager connections are put out of
+/// use at once, instead of at its first manager call. While a copy of a socket stays open its
+/// server cannot see the parent's end of the stream, so a manager lock the parent held (its
+/// connection sits in the parent's guard, which the child never drops) would outlive the
+/// parent for as long as the child lives. Each such descriptor is replaced in place by
+/// `/dev/null` (the server sees the socket closed once the parent's copy goes too), so the
+/// `Conn` values the child inherited still own a valid descriptor and drop cleanly.
+pub(crate) fn after_fork_in_child(g: ForkLock) {
+    let ForkLock(mut pool, live) = g;
+    platform::cover_with_dev_null(&live);
+    drop(live);
+    let inherited = pool.take();
+    drop(pool);
+    drop(inherited);
+    let recent = RECENT.try_with(|r| r.borrow_mut().take()).ok().flatten();
+    drop(recent);
+}
 
 /// Runs `f` on this process's pool (made empty if it is missing or inherited through fork).
 fn with_pool<R>(pid: u32, f: impl FnOnce(&mut ConnPool) -> R) -> R {

@@ -1449,6 +1449,30 @@ pub(crate) fn size_sealed(fd: BorrowedFd<'_>) -> bool {
     r >= 0 && r & libc::F_SEAL_SHRINK != 0
 }
 
+/// Replaces each of `fds` in place by a descriptor of `/dev/null` (close-on-exec): the objects
+/// that own those numbers stay valid, but what they referred to is no longer held open here.
+/// For a forked child dropping its hold on the parent's sockets. Best effort: an `fd` that
+/// cannot be covered is left as it was.
+pub(crate) fn cover_with_dev_null(fds: &[RawFd]) {
+    if fds.is_empty() {
+        return;
+    }
+    // SAFETY: a constant NUL-terminated path; the flags ask for a new descriptor we own.
+    let null = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if null < 0 {
+        return;
+    }
+    for &fd in fds {
+        if fd != null {
+            // SAFETY: dup3 atomically makes `fd` refer to /dev/null; `fd` is a number some
+            // object of ours owns, which stays owned (now by a /dev/null descriptor).
+            unsafe { libc::dup3(null, fd, libc::O_CLOEXEC) };
+        }
+    }
+    // SAFETY: `null` was opened above and is closed once.
+    unsafe { libc::close(null) };
+}
+
 #[cfg(test)]
 mod manager_support_tests {
     use super::*;
