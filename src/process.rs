@@ -257,22 +257,27 @@ fn registry() -> MutexGuard<'static, Vec<Arc<ChildProc>>> {
     REG.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Holds the registry lock (then the manager connection pool's) across a `fork`, so a forked
-/// child sees both consistent.
+/// Holds the registry lock, the manager connection pool's and the shared-memory tracker's across
+/// a `fork`, so a forked child sees them consistent.
 pub(crate) struct ForkGuard(
     MutexGuard<'static, Vec<Arc<ChildProc>>>,
     crate::managers::ForkLock,
+    crate::shared_memory::ForkLock,
 );
 
+/// Lock order: the registry, then the manager connection pool, then the shared-memory
+/// tracker's pipe (none of their holders takes another of them).
 pub(crate) fn fork_guard() -> ForkGuard {
     let reg = registry();
-    ForkGuard(reg, crate::managers::lock_for_fork())
+    let pool = crate::managers::lock_for_fork();
+    ForkGuard(reg, pool, crate::shared_memory::lock_for_fork())
 }
 
 /// In a freshly forked child: forget the parent's children (they are not ours), close the
 /// copies of the parent's manager connections, and unlock.
 pub(crate) fn after_fork_in_child(g: ForkGuard) {
-    let ForkGuard(mut reg, pool) = g;
+    let ForkGuard(mut reg, pool, tracker) = g;
+    drop(tracker);
     // The Arcs are copies of the parent's memory; leaking them keeps their descriptors (which
     // are copies too) from being used or double-closed here.
     let old = std::mem::take(&mut *reg);

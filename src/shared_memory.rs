@@ -258,6 +258,16 @@ impl<'de> Deserialize<'de> for SharedMemory {
     }
 }
 
+/// The tracker pipe's lock, held across a `fork` (after the process registry's), so that a
+/// forked child finds it consistent; the child then shares the parent's pipe, as designed.
+pub(crate) struct ForkLock(
+    #[allow(dead_code)] std::sync::MutexGuard<'static, Option<Option<OwnedFd>>>,
+);
+
+pub(crate) fn lock_for_fork() -> ForkLock {
+    ForkLock(tracker::PIPE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// The per-creator tracker process (see the module docs).
 mod tracker {
     use super::*;
@@ -266,7 +276,9 @@ mod tracker {
     const ENV: &str = "__MULTIPROC_SHM_TRACKER_FD";
 
     /// The write end of this process's tracker pipe, once started (`None` if it failed).
-    static PIPE: Mutex<Option<Option<OwnedFd>>> = Mutex::new(None);
+    /// Held across a `fork` (see [`super::ForkLock`]): a thread may hold it for the whole start
+    /// of the tracker, and a child forked meanwhile would otherwise find it locked forever.
+    pub(super) static PIPE: Mutex<Option<Option<OwnedFd>>> = Mutex::new(None);
 
     fn send(line: &str) {
         let mut g = PIPE.lock().unwrap_or_else(|e| e.into_inner());

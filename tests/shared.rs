@@ -351,3 +351,47 @@ fn a_creator_that_skips_its_destructor_is_cleaned_up_at_exit() {
         assert!(!shm_exists(&name), "{m}: {name} leaked");
     }
 }
+
+fn create_and_unlink(name: String) -> u32 {
+    let mut s = SharedMemory::create(&name, 64).unwrap();
+    s.unlink().unwrap();
+    0
+}
+
+/// In a fresh process: one thread starts the shared-memory tracker (holding its lock for the
+/// whole start) while this one forks children that create segments themselves.
+fn fork_while_the_tracker_starts(round: u32) -> u32 {
+    let me = std::process::id();
+    let starter = std::thread::spawn(move || create_and_unlink(format!("mptest_trk_{me}_{round}")));
+    let fork = get_context(StartMethod::Fork);
+    let kids: Vec<_> = (0..16)
+        .map(|i| {
+            spawn_in(
+                fork,
+                create_and_unlink,
+                format!("mptest_trk_{me}_{round}_{i}"),
+            )
+            .unwrap()
+        })
+        .collect();
+    starter.join().unwrap();
+    for k in kids {
+        // A child forked while the tracker's lock was held would wait for it forever.
+        k.join_timeout(LONG).unwrap();
+    }
+    0
+}
+
+#[test]
+fn children_forked_while_the_tracker_starts_never_hang() {
+    for round in 0..4 {
+        // A fresh process each round: the tracker starts once per process.
+        let h = spawn_in(
+            get_context(StartMethod::Spawn),
+            fork_while_the_tracker_starts,
+            round,
+        )
+        .unwrap();
+        h.join_timeout(3 * LONG).unwrap();
+    }
+}
