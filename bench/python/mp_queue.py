@@ -1,6 +1,7 @@
 # queue_small / queue_large: multiprocessing.Queue, one producer process, the parent consumes.
-#   small N: N 8-byte bytes objects, messages/s
-#   large N: N 1 MiB bytes objects, GB/s
+#   small N [KIND]: N 8-byte bytes objects, messages/s
+#   large N [KIND]: N 1 MiB bytes objects, GB/s
+# KIND is Queue (the default) or SimpleQueue.
 import sys, time, multiprocessing as mp
 from mp_common import median3, emit
 
@@ -15,8 +16,8 @@ def producer(q, go, n, payload):
     q.put(None)
 
 
-def run(n, payload):
-    q, go = mp.Queue(), mp.Event()
+def run(n, payload, kind):
+    q, go = getattr(mp, kind)(), mp.Event()
     p = mp.Process(target=producer, args=(q, go, n, payload))
     p.start()
     assert q.get() == b"ready"
@@ -33,4 +34,5 @@ def run(n, payload):
 
 if __name__ == "__main__":
     mode, n = sys.argv[1], int(sys.argv[2])
-    emit(median3(lambda: run(n, SMALL if mode == "small" else BIG)))
+    kind = sys.argv[3] if len(sys.argv) > 3 else "Queue"
+    emit(median3(lambda: run(n, SMALL if mode == "small" else BIG, kind)))

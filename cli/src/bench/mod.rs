@@ -9,10 +9,11 @@
 //! standard error and `n/a`, and the command exits non-zero at the end if a `multiproc` or
 //! limit side failed (Python's failures are only warnings: its set-up varies between machines).
 
+mod ceiling;
 mod python;
 mod rows;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use clap::Args;
 use serde::Serialize;
@@ -76,6 +77,9 @@ pub struct Row {
     pub python: Measure,
     /// One sample of the raw limit.
     pub limit: Measure,
+    /// Further figures printed beside the row (another Python variant, an in-process
+    /// ceiling), each measured once: name and measurement.
+    pub beside: &'static [(&'static str, Measure)],
 }
 
 /// The crate's side and the limit of `row`: a warm-up round, then three rounds, each taking
@@ -130,6 +134,9 @@ struct Line {
     python: Option<f64>,
     limit: Option<f64>,
     higher_is_better: bool,
+    /// The row's further figures (same unit), by name; absent when the row has none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    beside: BTreeMap<&'static str, Option<f64>>,
 }
 
 /// `multiproc bench`.
@@ -176,6 +183,20 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
                 None
             }
         };
+        let beside = row
+            .beside
+            .iter()
+            .map(|(name, f)| {
+                let v = match f(&cfg) {
+                    Ok(v) => v.filter(|x| x.is_finite()),
+                    Err(e) => {
+                        eprintln!("multiproc bench: {} ({name}): {e}", row.id);
+                        None
+                    }
+                };
+                (*name, v)
+            })
+            .collect();
         let line = Line {
             id: row.id,
             unit: row.unit,
@@ -183,6 +204,7 @@ pub fn run(a: &BenchArgs) -> Result<(), String> {
             python,
             limit,
             higher_is_better: row.higher_is_better,
+            beside,
         };
         if a.json {
             println!(
@@ -237,4 +259,7 @@ fn print_row(l: &Line) {
         vs_py.map_or("".into(), |v| format!("{v:.2}x")),
         vs_limit.map_or("".into(), |v| format!("{v:.2}")),
     );
+    for (name, v) in &l.beside {
+        println!("{:<17} {:>6} {name}: {}", "", "", fmt(*v));
+    }
 }

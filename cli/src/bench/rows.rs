@@ -7,7 +7,7 @@
 use multiproc::StartMethod;
 use multiproc::bench_support::{self, managers, pipe, pool, process, raw, workloads};
 
-use super::{Cfg, Measured, Row, none};
+use super::{Cfg, Measured, Row, ceiling, none};
 
 /// The suite.
 pub const ROWS: &[Row] = &[
@@ -18,6 +18,7 @@ pub const ROWS: &[Row] = &[
         multiproc: primes_multiproc,
         python: primes_python,
         limit: primes_limit,
+        beside: &[],
     },
     Row {
         id: "map_default",
@@ -31,6 +32,7 @@ pub const ROWS: &[Row] = &[
             )
         },
         limit: none,
+        beside: &[],
     },
     Row {
         id: "map_chunk1",
@@ -44,6 +46,7 @@ pub const ROWS: &[Row] = &[
             )
         },
         limit: none,
+        beside: &[],
     },
     Row {
         id: "apply_rtt",
@@ -57,6 +60,7 @@ pub const ROWS: &[Row] = &[
             )
         },
         limit: pipe_rtt_limit,
+        beside: &[],
     },
     Row {
         id: "queue_small",
@@ -74,7 +78,13 @@ pub const ROWS: &[Row] = &[
                 &args(["small", &c.size(200_000, 20_000).to_string()]),
             )
         },
-        limit: none,
+        limit: queue_small_ceiling,
+        beside: &[("python SimpleQueue", |c| {
+            c.py(
+                "mp_queue.py",
+                &args(["small", &c.size(200_000, 20_000).to_string(), "SimpleQueue"]),
+            )
+        })],
     },
     Row {
         id: "queue_large",
@@ -88,6 +98,19 @@ pub const ROWS: &[Row] = &[
             )
         },
         limit: memcpy_limit,
+        beside: &[
+            ("python SimpleQueue", |c| {
+                c.py(
+                    "mp_queue.py",
+                    &args(["large", &c.size(1_000, 100).to_string(), "SimpleQueue"]),
+                )
+            }),
+            ("crossbeam (threads)", |c| {
+                Ok(Some(
+                    ceiling::channel(c.size(1_000, 100) as u64, pipe::MIB) * pipe::MIB as f64 / 1e9,
+                ))
+            }),
+        ],
     },
     Row {
         id: "pipe_rtt",
@@ -96,6 +119,7 @@ pub const ROWS: &[Row] = &[
         multiproc: pipe_rtt_multiproc,
         python: |c| c.py("mp_pipe.py", &args(["rtt", &pipe_rtt_n(c).to_string()])),
         limit: pipe_rtt_limit,
+        beside: &[],
     },
     Row {
         id: "pipe_small",
@@ -104,6 +128,7 @@ pub const ROWS: &[Row] = &[
         multiproc: pipe_small_multiproc,
         python: |c| c.py("mp_pipe.py", &args(["small", &pipe_small_n(c).to_string()])),
         limit: pipe_small_limit,
+        beside: &[],
     },
     Row {
         id: "pipe_large",
@@ -112,6 +137,7 @@ pub const ROWS: &[Row] = &[
         multiproc: pipe_large_multiproc,
         python: |c| c.py("mp_pipe.py", &args(["large", &pipe_large_n(c).to_string()])),
         limit: memcpy_limit,
+        beside: &[],
     },
     Row {
         id: "start_fork",
@@ -120,6 +146,7 @@ pub const ROWS: &[Row] = &[
         multiproc: |c| start_multiproc(c, StartMethod::Fork),
         python: |c| start_python(c, "fork"),
         limit: fork_limit,
+        beside: &[],
     },
     Row {
         id: "start_forkserver",
@@ -128,6 +155,7 @@ pub const ROWS: &[Row] = &[
         multiproc: |c| start_multiproc(c, StartMethod::ForkServer),
         python: |c| start_python(c, "forkserver"),
         limit: fork_limit,
+        beside: &[],
     },
     Row {
         id: "start_spawn",
@@ -136,6 +164,7 @@ pub const ROWS: &[Row] = &[
         multiproc: |c| start_multiproc(c, StartMethod::Spawn),
         python: |c| start_python(c, "spawn"),
         limit: exec_limit,
+        beside: &[],
     },
     Row {
         id: "value_lock",
@@ -144,6 +173,7 @@ pub const ROWS: &[Row] = &[
         multiproc: value_lock_multiproc,
         python: |c| c.py("mp_value.py", &args([&c.size(100_000, 10_000).to_string()])),
         limit: none,
+        beside: &[],
     },
     Row {
         id: "manager_dict",
@@ -152,6 +182,7 @@ pub const ROWS: &[Row] = &[
         multiproc: |c| sample(managers::manager_dict(c.size(20_000, 2_000) as u64), 1.0),
         python: |c| c.py("mp_manager.py", &args([&c.size(20_000, 2_000).to_string()])),
         limit: none,
+        beside: &[],
     },
     Row {
         id: "worker_rss",
@@ -160,6 +191,7 @@ pub const ROWS: &[Row] = &[
         multiproc: |_| sample(pool::worker_rss(), 1.0),
         python: |c| c.py("mp_pool.py", &args(["rss", "0"])),
         limit: none,
+        beside: &[],
     },
 ];
 
@@ -269,6 +301,12 @@ fn pipe_rtt_limit(c: &Cfg) -> Measured {
 fn pipe_small_limit(c: &Cfg) -> Measured {
     let n = pipe_small_n(c);
     sample(raw::pipe_stream(n, 8), 1.0)
+}
+
+/// `queue_small`'s ceiling: the same stream between two threads over a crossbeam channel (no
+/// process boundary, no serialization), messages per second.
+fn queue_small_ceiling(c: &Cfg) -> Measured {
+    Ok(Some(ceiling::channel(c.size(200_000, 20_000) as u64, 8)))
 }
 
 fn memcpy_limit(c: &Cfg) -> Measured {
