@@ -42,12 +42,7 @@ fn a_manager_killed_while_clients_spin_fails_them_all_promptly() {
     };
     while !all_in() && t0.elapsed() < T {}
     assert!(all_in());
-    let pid = m.server_pid().unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    kill9(m.server_pid().unwrap());
     for k in kids {
         let n = k
             .join_timeout(T)
@@ -253,6 +248,31 @@ impl Callers {
     }
 }
 
+/// SIGKILLs process `pid`.
+fn kill9(pid: u32) {
+    let st = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+/// Runs `round` twice to warm up, then ten times: this process's descriptors may grow by at
+/// most `slack_fds` (plus 2) and its lane mappings by at most 2 over the ten.
+fn assert_no_pile_up(mut round: impl FnMut(), slack_fds: usize) {
+    round();
+    round();
+    let (f0, m0) = (open_fds(), lane_mappings());
+    for _ in 0..10 {
+        round();
+    }
+    let (f1, m1) = (open_fds(), lane_mappings());
+    assert!(
+        f1 <= f0 + slack_fds + 2 && m1 <= m0 + 2,
+        "descriptors {f0} -> {f1}, lane mappings {m0} -> {m1} over 10 managers"
+    );
+}
+
 #[test]
 fn connections_to_shut_down_managers_do_not_pile_up() {
     // Each round: a manager starts, every thread calls it (displacing its cached connection
@@ -264,18 +284,8 @@ fn connections_to_shut_down_managers_do_not_pile_up() {
         callers.call_all(&m.dict::<u32, u32>().unwrap());
         drop(m);
     };
-    round();
-    round();
-    let (f0, m0) = (open_fds(), lane_mappings());
-    for _ in 0..10 {
-        round();
-    }
-    let (f1, m1) = (open_fds(), lane_mappings());
+    assert_no_pile_up(round, 0);
     callers.end();
-    assert!(
-        f1 <= f0 + 2 && m1 <= m0 + 2,
-        "descriptors {f0} -> {f1}, lane mappings {m0} -> {m1} over 10 managers"
-    );
 }
 
 /// Waits (bounded) until process `pid` has exited (a zombie or gone): its descriptors are
@@ -299,32 +309,18 @@ fn connections_to_killed_managers_do_not_pile_up() {
     // this process the manager went away, so only the hang-up of its sockets can.
     let callers = Callers::new(4);
     let mut kept = Vec::new();
-    let mut round = || {
+    let round = || {
         let m = Manager::start().unwrap();
         callers.call_all(&m.dict::<u32, u32>().unwrap());
         let pid = m.server_pid().unwrap();
-        let st = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        kill9(pid);
         wait_dead(pid);
         kept.push(m);
     };
-    round();
-    round();
-    let (f0, m0) = (open_fds(), lane_mappings());
-    for _ in 0..10 {
-        round();
-    }
-    let (f1, m1) = (open_fds(), lane_mappings());
+    // Each kept `Manager` holds its server's process handle (a pidfd): one descriptor a round.
+    assert_no_pile_up(round, 10);
     callers.end();
     drop(kept);
-    // Each kept `Manager` holds its server's process handle (a pidfd): one descriptor a round.
-    assert!(
-        f1 <= f0 + 10 + 2 && m1 <= m0 + 2,
-        "descriptors {f0} -> {f1}, lane mappings {m0} -> {m1} over 10 killed managers"
-    );
 }
 
 thread_local! {
