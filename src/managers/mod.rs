@@ -226,11 +226,14 @@ pub(crate) struct Conn {
     c: Connection<()>,
     lane: Option<lane::Lane>,
     out: Vec<u8>,
+    /// The descriptor number this connection listed in [`LIVE`] (managers never close a
+    /// connection's descriptor before dropping it, so the number stays this socket's).
+    live: Option<RawFd>,
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if let Some(fd) = self.c.raw_mut().raw_fd() {
+        if let Some(fd) = self.live {
             let mut l = live();
             if let Some(i) = l.iter().position(|&f| f == fd) {
                 l.swap_remove(i);
@@ -245,13 +248,15 @@ impl Conn {
     fn open(ep: &Endpoint) -> Result<Conn> {
         let mut c = connection::Client::connect::<()>(&ep.address, &ep.authkey)?;
         c.set_spin(CLIENT_SPIN);
-        if let Some(fd) = c.raw_mut().raw_fd() {
+        let fd = c.raw_mut().raw_fd();
+        if let Some(fd) = fd {
             live().push(fd);
         }
         let mut conn = Conn {
             c,
             lane: None,
             out: Vec::new(),
+            live: fd,
         };
         if matches!(ep.address, Address::Tcp(_)) {
             // Without keepalive the connection still works; it only loses the bound on how
