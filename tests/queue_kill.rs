@@ -233,7 +233,9 @@ fn kill_producers_while_streaming(size: usize, rounds: u64) {
     let mut next = 0u64;
     for round in 0..rounds {
         let start = round * 1_000_000;
-        let mut p = Process::new(stream_producer, (q.clone(), start, size));
+        // A daemon: should an assertion fail, the test ends instead of waiting at exit for a
+        // producer blocked on a full queue.
+        let mut p = Process::new(stream_producer, (q.clone(), start, size)).daemon(true);
         p.start().unwrap();
         // Let it stream a variable amount, consuming as we go, then kill it mid-flight.
         let take = 5 + (round * 7919) % 60;

@@ -13,8 +13,20 @@ use crate::error::{Error, Result};
 use crate::platform::{self, Mapping, RawRobustMutex, RobustLock};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"mpqring2");
-/// Slots for operations that copy outside the main lock (one per concurrent large op).
+/// Slots for operations that copy outside the locks (one per concurrent large op): the first
+/// half for puts, the second for gets (see [`slot_range`]).
 const NSLOTS: usize = 32;
+
+/// The slots a side may use. Each side has its own: a slot's `pos` is then only ever changed
+/// under one side's lock and undone by that side's log. (Shared slots let a getter take a slot
+/// whose dead putter's unfinished section the put side's recovery later rolled back, writing a
+/// stale `pos` over the getter's and orphaning a record.)
+fn slot_range(side: Side) -> std::ops::Range<usize> {
+    match side {
+        Side::Put => 0..NSLOTS / 2,
+        Side::Get => NSLOTS / 2..NSLOTS,
+    }
+}
 /// Undo-log entries; no critical section logs more than a dozen mutations.
 const LOG_CAP: usize = 32;
 /// Bytes of a record header: `state: u32`, `len: u32`.
@@ -681,9 +693,10 @@ impl Shared {
     /// copying a record of this side; says whether it repaired (which may have changed the
     /// ring: callers recompute). A dead holder of the other side's record is left for that side.
     fn acquire_slot(&self, g: &Guard<'_>) -> Option<(usize, bool)> {
+        let side = slot_range(g.side);
         let start = SLOT_HINT.with(Cell::get);
-        for i in 0..NSLOTS {
-            let s = (start + i) % NSLOTS;
+        for i in 0..side.len() {
+            let s = side.start + (start + i) % side.len();
             let slot = &self.hdr().slots[s].0;
             match slot.mutex.try_lock() {
                 Ok(Some(RobustLock::Acquired)) if slot.pos.load(Ordering::Relaxed) == NO_POS => {
@@ -768,7 +781,7 @@ impl Shared {
             return;
         };
         let mut dropped = false;
-        for s in 0..NSLOTS {
+        for s in slot_range(side) {
             let slot = &self.hdr().slots[s].0;
             if slot.pos.load(Ordering::Relaxed) == NO_POS {
                 continue;
