@@ -29,6 +29,7 @@ fn id_of(p: TestPoint) -> TestPointId {
         TestPoint::GetCopying => 4,
         TestPoint::PutPublished => 5,
         TestPoint::GetPublished => 6,
+        TestPoint::PutFinishing => 7,
     }
 }
 
@@ -178,6 +179,32 @@ fn producer_killed_while_copying_a_large_message_drops_only_that_message() {
             assert_eq!(q.get_timeout(LONG).unwrap(), msg(10 * round + i, BIG));
         }
     }
+    check_queue_still_works(&q, BIG);
+}
+
+#[test]
+fn producer_killed_finishing_a_large_message_leaves_the_ring_usable() {
+    // Killed holding the put lock with its slot's position cleared (not committed) and its
+    // record still WRITING: the put side's recovery puts the position back and the record is
+    // dropped. Meanwhile getters take slots of their own; the record must not be orphaned
+    // (an orphan would pin `free` and the ring would fill up for good).
+    let q: Queue<Msg> = Queue::with_limits(0, 4 * BIG).unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    q.put(msg(1, BIG)).unwrap();
+    let p = Process::new(victim_put, (q.clone(), tell.clone(), 7, BIG));
+    kill_inside(p, &tell, 7);
+    // Large gets (each takes a slot) before any put recovers the put side.
+    assert_eq!(q.get_timeout(LONG).unwrap(), msg(1, BIG));
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    for round in 0..4 {
+        for i in 0..3 {
+            q.put_timeout(msg(10 * round + i, BIG), LONG).unwrap();
+        }
+        for i in 0..3 {
+            assert_eq!(q.get_timeout(LONG).unwrap(), msg(10 * round + i, BIG));
+        }
+    }
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
     check_queue_still_works(&q, BIG);
 }
 

@@ -78,6 +78,9 @@ pub enum TestPoint {
     /// In `get`, holding the get lock, just after its publishing store (space handed back),
     /// before the log is cleared (a death here must not give the message out again).
     GetPublished,
+    /// In `put` of a large message, copied, holding the put lock, its slot's position cleared
+    /// but the record not yet READY (a death here drops the message).
+    PutFinishing,
 }
 
 static TEST_HOOK_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1005,6 +1008,7 @@ impl Shared {
         let g = op.finish_lock()?;
         g.set(&ps.published, ps.published.load(Ordering::Relaxed) + 1);
         g.slot_pos(slot, NO_POS);
+        test_point(TestPoint::PutFinishing);
         g.publish_rec(pos, READY);
         g.commit();
         g.signal(ITEMS);
