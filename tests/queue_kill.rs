@@ -30,6 +30,7 @@ fn id_of(p: TestPoint) -> TestPointId {
         TestPoint::PutPublished => 5,
         TestPoint::GetPublished => 6,
         TestPoint::PutFinishing => 7,
+        TestPoint::GetScanned => 8,
     }
 }
 

@@ -81,6 +81,9 @@ pub enum TestPoint {
     /// In `put` of a large message, copied, holding the put lock, its slot's position cleared
     /// but the record not yet READY (a death here drops the message).
     PutFinishing,
+    /// In `get`, holding the get lock, having scanned up to the tail it knew past a record
+    /// still being written, before it looks at the tail again.
+    GetScanned,
 }
 
 static TEST_HOOK_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -648,6 +651,13 @@ impl Shared {
 
     /// Get side: finds the first READY record from `head`; returns it and where `head` goes
     /// once it is claimed.
+    ///
+    /// Every state read in a pass comes after the load of the tail the pass scans up to. A
+    /// record seen WRITING may turn READY as soon as it was read, and its producer may then put
+    /// more: so when the pass runs out and a newer tail shows more records, the next pass starts
+    /// again at the first WRITING record instead of going on past it, or one producer's later
+    /// message would be taken before its earlier one. (Only WRITING can change under the get
+    /// lock: READY, DONE, PAD and READING records stay as read.)
     fn find_ready(&self) -> Option<(u64, u64)> {
         let gs = self.gs();
         let mut p = gs.head.load(Ordering::Relaxed);
@@ -670,11 +680,17 @@ impl Shared {
                 }
                 p = self.next(p);
             }
+            if first_writing.is_some() {
+                test_point(TestPoint::GetScanned);
+            }
             let now = self.published_tail();
             if now == tail {
                 return None;
             }
             tail = now;
+            if let Some(w) = first_writing.take() {
+                p = w;
+            }
         }
     }
 
