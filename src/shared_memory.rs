@@ -15,6 +15,16 @@
 //! the pipe and count as its clients) are all gone, however they ended — the tracker unlinks
 //! the names still registered and exits.
 //!
+//! No moment of a creator's life leaves a name unknown to its tracker. `create` first registers
+//! a private name (`psm_new_…`), makes and sizes the segment under it, registers the final
+//! name *bound to the segment's inode*, then renames it into place
+//! (`renameat2(RENAME_NOREPLACE)`, which fails if the name exists). Killed before the rename,
+//! the creator leaves only the private name, which its tracker removes. Killed after it, the
+//! final name is still that inode and is removed too. The inode binding also protects a
+//! name the creator had already unlinked and that someone else made again: the tracker leaves
+//! that one alone. (On a file system that cannot rename without replacing, `create` makes
+//! the name directly and registers it just after, which leaves a window of two system calls.)
+//!
 //! Only the creator registers a name. Opening a segment ([`SharedMemory::open`], or receiving a
 //! handle as an argument) never does, so a process that merely attached can neither unlink the
 //! segment at its exit nor make anybody else's tracker do so: that is CPython's gh-82300 (every
@@ -69,17 +79,25 @@ impl fmt::Debug for SharedMemory {
     }
 }
 
+/// `/name` for the system calls. A name is 1 to 250 bytes, with no `/` (except a leading one),
+/// NUL, or newline (the tracker's protocol is one name per line).
 fn c_name(name: &str) -> Result<CString> {
     let bare = name.strip_prefix('/').unwrap_or(name);
-    if bare.is_empty() || bare.len() > 250 || bare.contains('/') || bare.contains('\0') {
+    if bare.is_empty() || bare.len() > 250 || bare.contains(['/', '\0', '\n']) {
         return Err(Error::arg(format!(
-            "invalid shared memory name {name:?}: 1 to 250 bytes, no '/' except a leading one"
+            "invalid shared memory name {name:?}: 1 to 250 bytes, no '/' except a leading one, \
+             no NUL or newline"
         )));
     }
     Ok(CString::new(format!("/{bare}")).expect("no NUL"))
 }
 
 fn unique_name() -> String {
+    fresh_name("psm")
+}
+
+/// `{prefix}_{pid}_{bits}`: unique to this process and call, and hard to guess.
+fn fresh_name(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let t = std::time::SystemTime::now()
@@ -88,20 +106,87 @@ fn unique_name() -> String {
     let mix =
         (t ^ (platform::getpid() as u64).rotate_left(32) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15))
             .wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    format!("psm_{:08x}_{:x}", platform::getpid(), mix)
+    format!("{prefix}_{:08x}_{:x}", platform::getpid(), mix)
+}
+
+static TEST_HOOK: Mutex<Option<fn()>> = Mutex::new(None);
+
+/// Installs (or removes) a function [`SharedMemory::create`] calls once the segment exists
+/// under its private name, before it is renamed. For tests (to kill a creator there).
+#[doc(hidden)]
+pub fn set_test_hook(hook: Option<fn()>) {
+    *TEST_HOOK.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+}
+
+fn test_point() {
+    let hook = *TEST_HOOK.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = hook {
+        h();
+    }
 }
 
 impl SharedMemory {
     /// Creates a segment named `name` (a leading `/` is optional) of `size` bytes, zero-filled.
-    /// Fails if the name exists ([`Error::Io`] with kind `AlreadyExists`). This handle is the
-    /// creator: dropping it unlinks the name.
+    /// Fails if the name exists ([`Error::Io`] with kind `AlreadyExists`), or is not 1 to 250
+    /// bytes free of `/`, NUL and newline ([`Error::InvalidArgument`]). This handle is the
+    /// creator: dropping it unlinks the name. The segment appears under its name complete
+    /// (made under a private name, then renamed).
     pub fn create(name: &str, size: usize) -> Result<SharedMemory> {
         if size == 0 {
             return Err(Error::arg("a shared memory segment needs a positive size"));
         }
         let cname = c_name(name)?;
         let bare = cname.to_str().expect("ascii")[1..].to_string();
-        let fd = platform::shm_open(&cname, true, true)?;
+        // Made under a private name the tracker knows before it exists, then renamed: killed
+        // at any point, the creator leaves neither name behind (see "Cleanup after a crash").
+        let temp_bare = fresh_name("psm_new");
+        let temp = c_name(&temp_bare)?;
+        tracker::register(&temp_bare);
+        let made = (|| {
+            let fd = platform::shm_open(&temp, true, true)?;
+            platform::ftruncate(fd.as_fd(), size)?;
+            let map = Mapping::new(fd.as_fd(), size)?;
+            Ok((map, platform::fstat_inode(fd.as_fd())?))
+        })();
+        let (map, inode) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = platform::shm_unlink(&temp);
+                tracker::unregister(&temp_bare);
+                return Err(e);
+            }
+        };
+        tracker::register_inode(&bare, inode);
+        test_point();
+        let renamed = platform::shm_rename_noreplace(&temp, &cname);
+        if !matches!(renamed, Ok(true)) {
+            let _ = platform::shm_unlink(&temp);
+        }
+        tracker::unregister(&temp_bare);
+        match renamed {
+            Ok(true) => {}
+            Ok(false) => {
+                // No atomic rename here: create the name itself (a creator killed between
+                // `shm_open` and its registration may then leave it behind).
+                tracker::unregister_inode(&bare, inode);
+                return SharedMemory::create_in_place(&cname, bare, size);
+            }
+            Err(e) => {
+                tracker::unregister_inode(&bare, inode);
+                return Err(e);
+            }
+        }
+        Ok(SharedMemory {
+            name: bare,
+            map,
+            size,
+            owner: true,
+        })
+    }
+
+    /// [`SharedMemory::create`] without the rename, for file systems that cannot do it.
+    fn create_in_place(cname: &CString, bare: String, size: usize) -> Result<SharedMemory> {
+        let fd = platform::shm_open(cname, true, true)?;
         let made = (|| {
             platform::ftruncate(fd.as_fd(), size)?;
             Mapping::new(fd.as_fd(), size)
@@ -109,7 +194,7 @@ impl SharedMemory {
         let map = match made {
             Ok(m) => m,
             Err(e) => {
-                let _ = platform::shm_unlink(&cname);
+                let _ = platform::shm_unlink(cname);
                 return Err(e);
             }
         };
@@ -304,6 +389,17 @@ mod tracker {
         send(&format!("R{name}\n"));
     }
 
+    /// Registers `name` only while it is the object with inode `inode`: if it was unlinked and
+    /// made again by someone else, the tracker leaves it alone.
+    pub(super) fn register_inode(name: &str, inode: u64) {
+        send(&format!("I{inode}:{name}\n"));
+    }
+
+    /// Withdraws a [`register_inode`] (and nothing else registered under that name).
+    pub(super) fn unregister_inode(name: &str, inode: u64) {
+        send(&format!("X{inode}:{name}\n"));
+    }
+
     pub(super) fn unregister(name: &str) {
         // Never start a tracker just to unregister.
         let started = matches!(
@@ -341,7 +437,7 @@ mod tracker {
                 let _ = platform::dup2(null.as_raw_fd(), target);
             }
         }
-        let mut names: HashSet<String> = HashSet::new();
+        let mut names = Names::default();
         let mut pending = Vec::new();
         let mut file = std::fs::File::from(fd);
         let mut buf = [0u8; 4096];
@@ -356,25 +452,64 @@ mod tracker {
                 Err(_) => break,
             }
         }
-        for n in &names {
-            if let Ok(c) = c_name(n) {
+        for n in names.to_unlink(|n| c_name(n).ok().and_then(|c| platform::shm_inode(&c))) {
+            if let Ok(c) = c_name(&n) {
                 let _ = platform::shm_unlink(&c);
             }
         }
         platform::exit_now(0)
     }
 
+    /// What the tracker holds: names to unlink at the end, unconditionally or only while they
+    /// are still a given inode.
+    #[derive(Default, Debug, PartialEq)]
+    pub(super) struct Names {
+        pub(super) plain: HashSet<String>,
+        pub(super) by_inode: HashSet<(String, u64)>,
+    }
+
+    impl Names {
+        /// The names to unlink, given how to look up a name's current inode.
+        pub(super) fn to_unlink(&self, inode_of: impl Fn(&str) -> Option<u64>) -> Vec<String> {
+            let mut out: Vec<String> = self.plain.iter().cloned().collect();
+            for (n, ino) in &self.by_inode {
+                if !self.plain.contains(n) && inode_of(n) == Some(*ino) {
+                    out.push(n.clone());
+                }
+            }
+            out
+        }
+    }
+
     /// Applies every complete line of `pending` to `names` (pure: the protocol, tested alone).
-    pub(super) fn apply_lines(pending: &mut Vec<u8>, names: &mut HashSet<String>) {
+    /// `R name` / `U name` register and withdraw a name (`U` also withdraws its inode-bound
+    /// entries: its creator unlinked it); `I ino:name` / `X ino:name` do so for a name bound to
+    /// an inode.
+    pub(super) fn apply_lines(pending: &mut Vec<u8>, names: &mut Names) {
         while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = pending.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            let bound = |rest: &str| {
+                let (ino, n) = rest.split_once(':')?;
+                Some((n.to_string(), ino.parse::<u64>().ok()?))
+            };
             match line.split_at_checked(1) {
                 Some(("R", n)) => {
-                    names.insert(n.to_string());
+                    names.plain.insert(n.to_string());
                 }
                 Some(("U", n)) => {
-                    names.remove(n);
+                    names.plain.remove(n);
+                    names.by_inode.retain(|(m, _)| m != n);
+                }
+                Some(("I", rest)) => {
+                    if let Some(e) = bound(rest) {
+                        names.by_inode.insert(e);
+                    }
+                }
+                Some(("X", rest)) => {
+                    if let Some(e) = bound(rest) {
+                        names.by_inode.remove(&e);
+                    }
                 }
                 _ => {}
             }
@@ -411,15 +546,37 @@ mod tests {
 
     #[test]
     fn protocol_lines() {
-        let mut names = HashSet::new();
+        let mut names = tracker::Names::default();
         let mut p = b"Ra\nRb\nUa\nRc".to_vec();
         tracker::apply_lines(&mut p, &mut names);
-        assert_eq!(names, HashSet::from(["b".to_string()]));
+        assert_eq!(names.plain, HashSet::from(["b".to_string()]));
         assert_eq!(p, b"Rc");
-        p.extend_from_slice(b"\nUb\n\nX\n");
+        p.extend_from_slice(b"\nUb\n\nX\nI7\nIx:y\n");
         tracker::apply_lines(&mut p, &mut names);
-        assert_eq!(names, HashSet::from(["c".to_string()]));
+        assert_eq!(names.plain, HashSet::from(["c".to_string()]));
+        assert!(names.by_inode.is_empty(), "malformed lines are ignored");
         assert!(p.is_empty());
+    }
+
+    #[test]
+    fn inode_bound_names_are_unlinked_only_while_they_are_that_inode() {
+        let mut names = tracker::Names::default();
+        let mut p = b"Rtmp\nI7:a\nI8:b\nI9:c\nUtmp\nX9:c\nI5:d\nUd\n".to_vec();
+        tracker::apply_lines(&mut p, &mut names);
+        assert!(names.plain.is_empty());
+        // `a` is still inode 7: unlinked. `b` was made again by someone else (inode 80): kept.
+        // `c` was withdrawn (its rename failed), `d` unlinked by its creator.
+        let mut gone = names.to_unlink(|n| match n {
+            "a" => Some(7),
+            "b" => Some(80),
+            "c" => Some(9),
+            "d" => Some(5),
+            _ => None,
+        });
+        gone.sort();
+        assert_eq!(gone, ["a"]);
+        // A name gone already is not unlinked again.
+        assert!(names.to_unlink(|_| None).is_empty());
     }
 
     #[test]
@@ -429,5 +586,9 @@ mod tests {
         assert!(c_name("/").is_err());
         assert_eq!(c_name("/x").unwrap().to_str().unwrap(), "/x");
         assert_eq!(c_name("x").unwrap().to_str().unwrap(), "/x");
+        assert!(
+            c_name("a\nb").is_err(),
+            "newlines would break the tracker's protocol"
+        );
     }
 }

@@ -326,6 +326,50 @@ fn a_sigkilled_creator_leaves_nothing_behind() {
     }
 }
 
+static HALFWAY: std::sync::OnceLock<Event> = std::sync::OnceLock::new();
+
+/// In the victim: the segment exists under its private name; tell the test, hang until killed.
+fn hang_halfway() {
+    HALFWAY.get().expect("set before create").set();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+fn create_and_hang_halfway((name, halfway): (String, Event)) {
+    let _ = HALFWAY.set(halfway);
+    multiproc::shared_memory::set_test_hook(Some(hang_halfway));
+    let _ = SharedMemory::create(&name, 4096);
+    unreachable!("killed inside create");
+}
+
+#[test]
+fn a_creator_killed_inside_create_leaves_nothing_behind() {
+    // Killed with the segment made but not yet under its name: before the tracker learnt of
+    // names first, this leaked a name in /dev/shm.
+    for m in [StartMethod::ForkServer, StartMethod::Spawn] {
+        let name = unique(&format!("halfway_{m}"));
+        let halfway = Event::new().unwrap();
+        let mut p = Process::new(create_and_hang_halfway, (name.clone(), halfway.clone()))
+            .context(get_context(m));
+        p.start().unwrap();
+        assert!(halfway.wait_timeout(LONG), "child never got halfway");
+        let pid = p.pid().unwrap();
+        let private = shm_names_with_prefix(&format!("psm_new_{pid:08x}_"));
+        assert_eq!(private.len(), 1, "the segment exists under a private name");
+        assert!(!shm_exists(&name), "not yet under its own");
+        p.kill().unwrap();
+        p.join().unwrap();
+        // The tracker notices the end of its client asynchronously: poll with a deadline.
+        let deadline = Instant::now() + LONG;
+        while shm_exists(&private[0]) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!shm_exists(&private[0]), "{m}: {} leaked", private[0]);
+        assert!(!shm_exists(&name), "{m}: {name} appeared");
+    }
+}
+
 fn create_and_forget((name, created): (String, Event)) {
     let shm = SharedMemory::create(&name, 64).unwrap();
     std::mem::forget(shm); // as if killed: no destructor

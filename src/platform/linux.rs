@@ -701,6 +701,61 @@ pub(crate) fn shm_unlink(name: &CStr) -> Result<()> {
     Ok(())
 }
 
+/// Where the kernel keeps POSIX shared-memory objects (a tmpfs; glibc's `shm_open` uses it).
+const SHM_DIR: &str = "/dev/shm";
+
+fn shm_path(name: &CStr) -> Result<CString> {
+    let bare = name.to_bytes();
+    let bare = bare.strip_prefix(b"/").unwrap_or(bare);
+    let mut path = Vec::with_capacity(SHM_DIR.len() + 1 + bare.len());
+    path.extend_from_slice(SHM_DIR.as_bytes());
+    path.push(b'/');
+    path.extend_from_slice(bare);
+    CString::new(path).map_err(|_| Error::arg("shared memory name with a NUL byte"))
+}
+
+/// Renames shared-memory object `from` to `to`, failing with `AlreadyExists` if `to` exists
+/// (`renameat2(RENAME_NOREPLACE)` in /dev/shm): publishes a fully made object under its name
+/// in one step. `Ok(false)` if this kernel or file system cannot rename without replacing.
+pub(crate) fn shm_rename_noreplace(from: &CStr, to: &CStr) -> Result<bool> {
+    let (from, to) = (shm_path(from)?, shm_path(to)?);
+    // SAFETY: both paths are NUL-terminated; AT_FDCWD is ignored for absolute paths.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EINVAL | libc::ENOSYS) => Ok(false),
+        _ => Err(Error::last_os()),
+    }
+}
+
+/// The inode number of shared-memory object `name`, if it exists.
+pub(crate) fn shm_inode(name: &CStr) -> Option<u64> {
+    let path = shm_path(name).ok()?;
+    // SAFETY: st is plain data for the kernel to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: NUL-terminated path and valid out-pointer.
+    (unsafe { libc::stat(path.as_ptr(), &mut st) } == 0).then_some(st.st_ino)
+}
+
+/// The inode number of the file `fd` refers to.
+pub(crate) fn fstat_inode(fd: BorrowedFd<'_>) -> Result<u64> {
+    // SAFETY: st is plain data for the kernel to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-pointer.
+    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
+    Ok(st.st_ino)
+}
+
 /// A shared, read-write mapping of a file; unmapped on drop.
 #[derive(Debug)]
 pub(crate) struct Mapping {
