@@ -585,6 +585,12 @@ pub(crate) fn give_back(ep: &Endpoint, c: Conn) {
 /// process, or hung up (the socket of an idle connection is readable only at its end).
 fn pool_put(pid: u32, ep: &Endpoint, mut c: Conn) {
     if c.hung_up() {
+        // A manager went away: the pool may hold connections to it too (pooled while it was
+        // still up: a killed process closes its sockets only once its last thread has
+        // exited), or to others that died since. Without this sweep they would stay until a
+        // live connection to a manager the pool has none for comes back.
+        let swept = with_pool(pid, ConnPool::sweep);
+        drop((c, swept));
         return;
     }
     let dropped = with_pool(pid, |p| {
@@ -1030,6 +1036,27 @@ mod tests {
         );
         drop(c);
         stop(&ep, t);
+    }
+
+    #[test]
+    fn a_hung_up_connection_coming_back_sweeps_the_pool() {
+        // A connection pooled while its manager was up, and the manager gone since without
+        // this process forgetting it (as one killed from outside): the next connection found
+        // hung up on its way back drops it, even though no live connection comes back after.
+        let a = Address::unique_abstract().unwrap().to_string();
+        let (ep, t) = serve(&a);
+        let pid = platform::cached_pid();
+        let pooled = |ep: &Endpoint| with_pool(pid, |p| p.idle.get(ep).map_or(0, Vec::len));
+        let mut back_later = Conn::open(&ep).unwrap();
+        pool_put(pid, &ep, Conn::open(&ep).unwrap());
+        assert_eq!(pooled(&ep), 1);
+        // `serve` shuts every connection's socket down before it returns.
+        let mut c = Conn::open(&ep).unwrap();
+        let _ = c.call(0, "shutdown", &reply(&()).unwrap());
+        t.join().unwrap().unwrap();
+        assert!(back_later.hung_up());
+        pool_put(pid, &ep, back_later);
+        assert_eq!(pooled(&ep), 0);
     }
 
     #[test]
