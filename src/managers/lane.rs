@@ -491,24 +491,27 @@ mod tests {
         use std::sync::atomic::AtomicUsize;
 
         // `turn` is the round the racer may play (0: the racer is done with it).
+        const ROUNDS: usize = 1000;
         let turn = Arc::new(AtomicUsize::new(0));
         let slot: Arc<std::sync::Mutex<Option<Arc<File>>>> = Default::default();
         let (turn2, slot2) = (turn.clone(), slot.clone());
-        let deadline = Instant::now() + Duration::from_secs(1);
+        // Only a bound against a hang (a racer that died): the rounds are counted, not timed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let wait_for = move |turn: &AtomicUsize, want: &dyn Fn(usize) -> bool| loop {
+            let t = turn.load(Ordering::Acquire);
+            if want(t) {
+                return t;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the other thread never took its turn"
+            );
+            std::thread::yield_now();
+        };
         let racer = std::thread::spawn(move || {
             let mut x = 1u64;
-            let mut round = 1;
-            loop {
-                let t = loop {
-                    let t = turn2.load(Ordering::Acquire);
-                    if t == round || t == usize::MAX {
-                        break t;
-                    }
-                    std::hint::spin_loop();
-                };
-                if t == usize::MAX {
-                    return;
-                }
+            for round in 1..=ROUNDS {
+                wait_for(&turn2, &|t| t == round);
                 let f = slot2.lock().unwrap().take().unwrap();
                 // A random delay, so the shrink lands anywhere inside the client's checks.
                 x = x
@@ -520,12 +523,9 @@ mod tests {
                 f.set_len(0).unwrap();
                 platform::add_seals(f.as_fd(), libc::F_SEAL_SHRINK).unwrap();
                 turn2.store(0, Ordering::Release);
-                round += 1;
             }
         });
-        let mut round = 0;
-        while Instant::now() < deadline {
-            round += 1;
+        for round in 1..=ROUNDS {
             let f = File::from(platform::memfd_sealable(c"racy-lane", SIZE).unwrap());
             f.write_all_at(&MAGIC.to_le_bytes(), MAGIC_AT as u64)
                 .unwrap();
@@ -536,13 +536,9 @@ mod tests {
             // magic word of a mapping past the end of the file would raise SIGBUS.
             let r = Lane::open(f.as_fd());
             assert!(r.is_err(), "round {round}: opened a shrunk file");
-            while turn.load(Ordering::Acquire) != 0 {
-                std::hint::spin_loop();
-            }
+            wait_for(&turn, &|t| t == 0);
         }
-        turn.store(usize::MAX, Ordering::Release);
         racer.join().unwrap();
-        assert!(round > 100, "only {round} rounds ran");
     }
 
     #[test]
