@@ -3,6 +3,7 @@
 #   map_chunk1 N:  the same with chunksize=1, tasks/s
 #   apply N:       apply_async(square, (i,)).get() round trip, median of N, in us
 #   rss 0:         resident memory of an idle pool worker, in MiB
+#   uss 0:         memory only that worker maps (private pages), in MiB
 import sys, time, statistics, multiprocessing as mp
 from mp_common import median3, emit
 
@@ -17,6 +18,15 @@ def rss_mib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmRSS")
+
+
+def uss_mib(pid):
+    kib = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                kib += int(line.split()[1])
+    return kib / 1024
 
 
 if __name__ == "__main__":
@@ -46,5 +56,7 @@ if __name__ == "__main__":
             emit(median3(rtt))
         elif mode == "rss":
             emit(median3(lambda: statistics.median(rss_mib(p.pid) for p in pool._pool)))
+        elif mode == "uss":
+            emit(median3(lambda: statistics.median(uss_mib(p.pid) for p in pool._pool)))
         else:
             sys.exit(f"unknown mode {mode}")

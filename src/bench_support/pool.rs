@@ -112,11 +112,21 @@ pub fn apply_rtt(iters: usize) -> Result<f64> {
 
 /// Resident memory of an idle pool worker, MiB (`/proc/PID/statm`), after it ran one task.
 pub fn worker_rss() -> Result<f64> {
+    idle_worker_mib(platform::rss_bytes, "/proc/PID/statm")
+}
+
+/// Memory only an idle pool worker maps (unique set size: private pages), MiB
+/// (`/proc/PID/smaps_rollup`), after it ran one task. What each further worker costs.
+pub fn worker_uss() -> Result<f64> {
+    idle_worker_mib(platform::private_bytes, "/proc/PID/smaps_rollup")
+}
+
+fn idle_worker_mib(bytes: fn(u32) -> Option<u64>, source: &str) -> Result<f64> {
     let pool = Pool::new(1)?;
     pool.apply(sq, 3)?;
     let pid = pool.worker_pids()[0];
-    let bytes = platform::rss_bytes(pid).ok_or_else(|| Error::state("no /proc/PID/statm"))?;
-    Ok(bytes as f64 / (1024.0 * 1024.0))
+    let b = bytes(pid).ok_or_else(|| Error::state(format!("no {source}")))?;
+    Ok(b as f64 / (1024.0 * 1024.0))
 }
 
 #[cfg(test)]
@@ -133,5 +143,6 @@ mod tests {
         assert!(map_chunk1(100).unwrap() > 0.0);
         assert!(apply_rtt(10).unwrap() > 0.0);
         assert!(worker_rss().unwrap() > 0.0);
+        assert!(worker_uss().unwrap() > 0.0);
     }
 }

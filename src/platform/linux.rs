@@ -337,6 +337,25 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
     Some(pages * page)
 }
 
+/// Memory only this process maps (its unique set size: private clean and dirty pages), in
+/// bytes, from `/proc/PID/smaps_rollup`. Shared text and libraries, which RSS counts in full
+/// in every process, are left out.
+pub(crate) fn private_bytes(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let mut kib = 0;
+    let mut seen = 0;
+    for line in s.lines() {
+        if let Some(v) = line
+            .strip_prefix("Private_Clean:")
+            .or_else(|| line.strip_prefix("Private_Dirty:"))
+        {
+            kib += v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()?;
+            seen += 1;
+        }
+    }
+    (seen == 2).then_some(kib * 1024)
+}
+
 // ---------------------------------------------------------------------------------------------
 // File descriptors, sockets, poll
 // ---------------------------------------------------------------------------------------------

@@ -191,7 +191,16 @@ pub const ROWS: &[Row] = &[
         multiproc: |_| sample(pool::worker_rss(), 1.0),
         python: |c| c.py("mp_pool.py", &args(["rss", "0"])),
         limit: none,
-        beside: &[],
+        // RSS counts the shared text of the binary and of libc in full: what a worker costs
+        // on its own is its private pages.
+        beside: &[
+            ("multiproc private (USS)", |_| {
+                sample(pool::worker_uss(), 1.0)
+            }),
+            ("python private (USS)", |c| {
+                c.py("mp_pool.py", &args(["uss", "0"]))
+            }),
+        ],
     },
 ];
 
