@@ -1118,19 +1118,33 @@ impl Shared {
         }
     }
 
-    /// Closed, and nothing left nor being written. The caller holds no lock.
+    /// Closed, and nothing left nor being written, nor held by a get that may still give its
+    /// message back. The caller holds no lock.
+    ///
+    /// Decided under the get lock, never from lock-free counts: a get section counts its
+    /// message as taken before its commit point, and a large get's message comes back if its
+    /// reader dies copying it. Read without the lock, either looked drained while the message
+    /// could still return (the section undone, the reader repaired), and a consumer told
+    /// `Closed` then would never come back for it. While the get lock is busy the answer is
+    /// "not yet" (the caller waits, or reports `Empty`).
     fn drained(&self) -> bool {
         if !self.closed() {
             return false;
         }
-        if self.queued() == 0 {
-            return true;
-        }
-        // A count left behind by a peer that died mid-section would keep the queue from ever
-        // looking drained: settle such sections first.
+        // A section left half done by a dead putter: settle it (lock order: put, then get;
+        // both are only tried here).
         self.heal(Side::Put);
-        self.heal(Side::Get);
-        self.queued() == 0
+        let Ok(Some(r)) = self.mutex(Side::Get).try_lock() else {
+            return false;
+        };
+        let Ok(g) = self.held(Side::Get, r) else {
+            return false;
+        };
+        // After `close` no put reserves any more, so `reserved` is final; a WRITING record still
+        // counts in `queued` until its put finishes or is dropped.
+        let drained = self.queued() == 0 && self.gs().inflight.load(Ordering::Relaxed) == 0;
+        drop(g);
+        drained
     }
 
     fn claim(&self, g: &Guard<'_>, pos: u64, head: u64, state: u32) {
@@ -1205,6 +1219,10 @@ impl Shared {
         self.reclaim(&g);
         g.commit();
         g.signal(SPACE);
+        if self.closed() {
+            // Getters of a closed queue wait for in-flight reads before they say drained.
+            g.signal(ITEMS);
+        }
         drop(g);
         op.release();
         r
