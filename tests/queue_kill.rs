@@ -73,7 +73,7 @@ fn stop_inside(mut p: Process, tell: &Queue<TestPointId>, point: TestPointId) ->
 }
 
 /// SIGKILLs a victim stopped by [`stop_inside`].
-fn kill(mut p: Process) {
+fn kill(p: Process) {
     p.kill().unwrap();
     let st = p.join_timeout(LONG).unwrap().expect("victim died");
     assert_eq!(st.code(), -9);
