@@ -31,6 +31,7 @@ fn id_of(p: TestPoint) -> TestPointId {
         TestPoint::GetPublished => 6,
         TestPoint::PutFinishing => 7,
         TestPoint::GetScanned => 8,
+        TestPoint::Counting => 9,
     }
 }
 

@@ -84,6 +84,8 @@ pub enum TestPoint {
     /// In `get`, holding the get lock, having scanned up to the tail it knew past a record
     /// still being written, before it looks at the tail again.
     GetScanned,
+    /// In `unfinished` (what `join` waits on), between the loads of its two counters.
+    Counting,
 }
 
 static TEST_HOOK_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1256,11 +1258,18 @@ impl Shared {
     }
 
     /// Items put and not yet marked done.
+    ///
+    /// `done` is read first: both counters only grow and `done <= published`, so the
+    /// difference can be zero only if it was zero when `done` was read. Read the other way
+    /// round, a put and a `task_done` between the two loads made it look zero while an item was
+    /// unfinished all along, and `join` returned early (`tests/queue_order.rs`).
     pub(crate) fn unfinished(&self) -> u64 {
+        let done = self.gs().done.load(Ordering::Acquire);
+        test_point(TestPoint::Counting);
         self.ps()
             .published
             .load(Ordering::Acquire)
-            .saturating_sub(self.gs().done.load(Ordering::Acquire))
+            .saturating_sub(done)
     }
 
     /// One `task_done`: fails if there is no unfinished item.
