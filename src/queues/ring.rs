@@ -1133,6 +1133,10 @@ impl Shared {
         if !self.closed() {
             return false;
         }
+        // A large put or get whose process died copying holds its message (to drop, or to give
+        // back) until someone repairs it: blocked callers do every slice, but a caller that
+        // only ever tries would wait for them forever. Takes each side's lock in turn.
+        self.reap_all();
         // A section left half done by a dead putter: settle it (lock order: put, then get;
         // both are only tried here).
         self.heal(Side::Put);
