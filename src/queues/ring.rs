@@ -1263,8 +1263,9 @@ impl Shared {
 
     /// Items put and not yet marked done.
     ///
-    /// `done` is read first: both counters only grow and `done <= published`, so the
-    /// difference can be zero only if it was zero when `done` was read. Read the other way
+    /// `done` is read first: both counters only grow (a put rolled back only takes back an
+    /// increment that never counted) and `done <= published`, so the difference can be zero
+    /// only if it was zero when `done` was read. Read the other way
     /// round, a put and a `task_done` between the two loads made it look zero while an item was
     /// unfinished all along, and `join` returned early (`tests/queue_order.rs`).
     pub(crate) fn unfinished(&self) -> u64 {
