@@ -31,6 +31,7 @@ fn id_of(p: TestPoint) -> TestPointId {
         TestPoint::GetPublished => 6,
         TestPoint::PutFinishing => 7,
         TestPoint::GetScanned => 8,
+        TestPoint::Counting => 9,
     }
 }
 
@@ -61,17 +62,27 @@ fn victim_get((q, tell, point): (Queue<Msg>, Queue<TestPointId>, TestPointId)) {
     unreachable!("killed inside get");
 }
 
-/// Starts `p`, waits until it reports being at `point`, and SIGKILLs it there.
-fn kill_inside(mut p: Process, tell: &Queue<TestPointId>, point: TestPointId) {
+/// Starts `p` and waits until it reports being at `point`, where it hangs until killed.
+fn stop_inside(mut p: Process, tell: &Queue<TestPointId>, point: TestPointId) -> Process {
     p.start().unwrap();
     assert_eq!(
         tell.get_timeout(LONG).unwrap(),
         point,
         "victim reached the point"
     );
+    p
+}
+
+/// SIGKILLs a victim stopped by [`stop_inside`].
+fn kill(p: Process) {
     p.kill().unwrap();
     let st = p.join_timeout(LONG).unwrap().expect("victim died");
     assert_eq!(st.code(), -9);
+}
+
+/// Starts `p`, waits until it reports being at `point`, and SIGKILLs it there.
+fn kill_inside(p: Process, tell: &Queue<TestPointId>, point: TestPointId) {
+    kill(stop_inside(p, tell, point));
 }
 
 fn msg(i: u64, size: usize) -> Msg {
@@ -239,6 +250,74 @@ fn a_blocked_getter_recovers_a_message_a_dead_reader_held() {
     kill_inside(p, &tell, 4);
     let h = std::thread::spawn(move || q2.get_timeout(LONG));
     assert_eq!(h.join().unwrap().unwrap(), msg(7, BIG));
+}
+
+/// A closed queue whose last message a consumer holds in an unfinished `get`: that get may
+/// still be undone (the consumer dies, and the message is for another consumer), so the queue
+/// is not drained yet and another consumer must not be told `Closed`.
+fn closed_queue_not_drained_while_a_consumer_holds(point: TestPointId, size: usize) {
+    let q: Queue<Msg> = Queue::with_limits(0, 4 * BIG).unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    q.put(msg(1, size)).unwrap();
+    q.close().unwrap();
+    let p = stop_inside(
+        Process::new(victim_get, (q.clone(), tell.clone(), point)),
+        &tell,
+        point,
+    );
+    let meanwhile = q.try_get();
+    kill(p);
+    assert!(
+        matches!(meanwhile, Err(Error::Empty)),
+        "told the queue is drained while a consumer may give its message back: {meanwhile:?}"
+    );
+    // Non-blocking gets alone (nobody blocks, so nobody else looks for dead peers) find it.
+    assert_eq!(poll_get(&q).unwrap(), msg(1, size));
+    assert!(matches!(q.try_get(), Err(Error::Closed)));
+    assert!(matches!(q.get_timeout(LONG), Err(Error::Closed)));
+}
+
+/// `try_get` until it says something other than `Empty` (bounded).
+fn poll_get(q: &Queue<Msg>) -> multiproc::Result<Msg> {
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        match q.try_get() {
+            Err(Error::Empty) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "try_get stuck at Empty"
+                );
+                std::thread::yield_now();
+            }
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn a_closed_queue_whose_last_writer_died_copying_drains_for_non_blocking_gets() {
+    let q: Queue<Msg> = Queue::with_limits(0, 4 * BIG).unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    q.put(msg(1, 10)).unwrap();
+    kill_inside(
+        Process::new(victim_put, (q.clone(), tell.clone(), 3, BIG)),
+        &tell,
+        3,
+    );
+    q.close().unwrap();
+    // The half-written message is dropped; the queue drains without any blocking call.
+    assert_eq!(poll_get(&q).unwrap(), msg(1, 10));
+    assert!(matches!(poll_get(&q), Err(Error::Closed)));
+}
+
+#[test]
+fn a_closed_queue_is_not_drained_while_a_getter_may_still_roll_back() {
+    closed_queue_not_drained_while_a_consumer_holds(2, 10);
+}
+
+#[test]
+fn a_closed_queue_is_not_drained_while_a_reader_may_still_give_its_message_back() {
+    closed_queue_not_drained_while_a_consumer_holds(4, BIG);
 }
 
 // ---------------------------------------------------------------------------------------------

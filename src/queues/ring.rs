@@ -84,6 +84,8 @@ pub enum TestPoint {
     /// In `get`, holding the get lock, having scanned up to the tail it knew past a record
     /// still being written, before it looks at the tail again.
     GetScanned,
+    /// In `unfinished` (what `join` waits on), between the loads of its two counters.
+    Counting,
 }
 
 static TEST_HOOK_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -1118,19 +1120,37 @@ impl Shared {
         }
     }
 
-    /// Closed, and nothing left nor being written. The caller holds no lock.
+    /// Closed, and nothing left nor being written, nor held by a get that may still give its
+    /// message back. The caller holds no lock.
+    ///
+    /// Decided under the get lock, never from lock-free counts: a get section counts its
+    /// message as taken before its commit point, and a large get's message comes back if its
+    /// reader dies copying it. Read without the lock, either looked drained while the message
+    /// could still return (the section undone, the reader repaired), and a consumer told
+    /// `Closed` then would never come back for it. While the get lock is busy the answer is
+    /// "not yet" (the caller waits, or reports `Empty`).
     fn drained(&self) -> bool {
         if !self.closed() {
             return false;
         }
-        if self.queued() == 0 {
-            return true;
-        }
-        // A count left behind by a peer that died mid-section would keep the queue from ever
-        // looking drained: settle such sections first.
+        // A large put or get whose process died copying holds its message (to drop, or to give
+        // back) until someone repairs it: blocked callers do every slice, but a caller that
+        // only ever tries would wait for them forever. Takes each side's lock in turn.
+        self.reap_all();
+        // A section left half done by a dead putter: settle it (lock order: put, then get;
+        // both are only tried here).
         self.heal(Side::Put);
-        self.heal(Side::Get);
-        self.queued() == 0
+        let Ok(Some(r)) = self.mutex(Side::Get).try_lock() else {
+            return false;
+        };
+        let Ok(g) = self.held(Side::Get, r) else {
+            return false;
+        };
+        // After `close` no put reserves any more, so `reserved` is final; a WRITING record still
+        // counts in `queued` until its put finishes or is dropped.
+        let drained = self.queued() == 0 && self.gs().inflight.load(Ordering::Relaxed) == 0;
+        drop(g);
+        drained
     }
 
     fn claim(&self, g: &Guard<'_>, pos: u64, head: u64, state: u32) {
@@ -1205,6 +1225,10 @@ impl Shared {
         self.reclaim(&g);
         g.commit();
         g.signal(SPACE);
+        if self.closed() {
+            // Getters of a closed queue wait for in-flight reads before they say drained.
+            g.signal(ITEMS);
+        }
         drop(g);
         op.release();
         r
@@ -1238,11 +1262,19 @@ impl Shared {
     }
 
     /// Items put and not yet marked done.
+    ///
+    /// `done` is read first: both counters only grow (a put rolled back only takes back an
+    /// increment that never counted) and `done <= published`, so the difference can be zero
+    /// only if it was zero when `done` was read. Read the other way
+    /// round, a put and a `task_done` between the two loads made it look zero while an item was
+    /// unfinished all along, and `join` returned early (`tests/queue_order.rs`).
     pub(crate) fn unfinished(&self) -> u64 {
+        let done = self.gs().done.load(Ordering::Acquire);
+        test_point(TestPoint::Counting);
         self.ps()
             .published
             .load(Ordering::Acquire)
-            .saturating_sub(self.gs().done.load(Ordering::Acquire))
+            .saturating_sub(done)
     }
 
     /// One `task_done`: fails if there is no unfinished item.
