@@ -252,6 +252,55 @@ fn a_blocked_getter_recovers_a_message_a_dead_reader_held() {
     assert_eq!(h.join().unwrap().unwrap(), msg(7, BIG));
 }
 
+#[test]
+fn a_consumer_that_only_tries_gets_back_what_a_dead_reader_held() {
+    // Nobody blocks, so nobody waits long enough to look for dead peers: the failed try
+    // itself must.
+    let q: Queue<Msg> = Queue::with_limits(0, 4 * BIG).unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    q.put(msg(7, BIG)).unwrap();
+    kill_inside(
+        Process::new(victim_get, (q.clone(), tell.clone(), 4)),
+        &tell,
+        4,
+    );
+    assert_eq!(q.try_get().unwrap(), msg(7, BIG), "the first try finds it");
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    check_queue_still_works(&q, BIG);
+}
+
+#[test]
+fn a_producer_that_only_tries_is_not_kept_out_by_a_dead_writer() {
+    // A writer killed copying leaves its record WRITING at the front of the ring, where it
+    // holds `free`: once the ring has gone round to it, only its repair makes room.
+    let q: Queue<Msg> = Queue::with_limits(0, 4 * BIG).unwrap();
+    let tell: Queue<TestPointId> = Queue::new().unwrap();
+    kill_inside(
+        Process::new(victim_put, (q.clone(), tell.clone(), 3, BIG)),
+        &tell,
+        3,
+    );
+    // Small messages (no operation slot, so no repair on the way) fill the rest of the ring,
+    // and are all taken.
+    let mut n = 0;
+    while q.try_put(msg(n, 1000)).is_ok() {
+        n += 1;
+    }
+    assert!(
+        n > 100,
+        "only {n} small messages fit beside the dead record"
+    );
+    for i in 0..n {
+        assert_eq!(q.try_get().unwrap(), msg(i, 1000));
+    }
+    assert!(matches!(q.try_get(), Err(Error::Empty)));
+    // The ring is empty but for the dead record: the first try gets room.
+    q.try_put(msg(1, 1000))
+        .expect("a try_put kept out by a dead writer's record");
+    assert_eq!(q.try_get().unwrap(), msg(1, 1000));
+    check_queue_still_works(&q, BIG);
+}
+
 /// A closed queue whose last message a consumer holds in an unfinished `get`: that get may
 /// still be undone (the consumer dies, and the message is for another consumer), so the queue
 /// is not drained yet and another consumer must not be told `Closed`.

@@ -63,8 +63,9 @@
 //!
 //! Producers and consumers have a lock each (one producer and one consumer never wait for
 //! each other). The next process to take the dead one's lock repairs what it left (the kernel
-//! tells it, through a robust mutex); blocked callers look for dead peers at least every 50 ms.
-//! See `src/queues/README.md` for the mechanism.
+//! tells it, through a robust mutex). Blocked callers look for dead peers at least every
+//! 50 ms, and a `try_get` or `try_put` that would fail looks first, so a program that never
+//! blocks recovers too. See `src/queues/README.md` for the mechanism.
 
 mod ring;
 

@@ -788,44 +788,61 @@ impl Shared {
         Repair::Repaired
     }
 
-    /// Looks for in-flight operations of `side` whose process died, and settles them. Takes and
-    /// releases that side's lock (the caller holds no lock).
-    fn reap_dead(&self, side: Side) {
+    /// Looks for in-flight operations of `side` whose process died, and settles them; says
+    /// whether it found any. The caller holds no lock.
+    ///
+    /// A live copier keeps its slot locked while the slot's `pos` is set, so the look is a load
+    /// per slot and a failed `try_lock` per operation in flight, and the side's lock is taken
+    /// only when a slot is found abandoned. That makes it cheap enough for every `try_get` or
+    /// `try_put` that comes back empty-handed. (Lock order: a slot, then its side's lock, as a
+    /// copier finishing its operation takes them.)
+    fn reap_dead(&self, side: Side) -> bool {
         let busy = match side {
             Side::Put => &self.ps().inflight,
             Side::Get => &self.gs().inflight,
         };
         if busy.load(Ordering::Acquire) == 0 {
-            return;
+            return false;
         }
-        let Ok(g) = self.lock(side, None) else {
-            return;
-        };
-        let mut dropped = false;
+        let mut held = [0usize; NSLOTS / 2];
+        let mut n = 0;
         for s in slot_range(side) {
             let slot = &self.hdr().slots[s].0;
-            if slot.pos.load(Ordering::Relaxed) == NO_POS {
+            if slot.pos.load(Ordering::Acquire) == NO_POS {
                 continue;
             }
             if let Ok(Some(_)) = slot.mutex.try_lock() {
-                // A live holder keeps its slot locked while `pos` is set: this one is gone.
+                // Its holder died (or finished since `pos` was read: the repair then finds
+                // nothing to do).
                 let _ = slot.mutex.make_consistent();
-                dropped |= self.repair_slot(&g, s) == Repair::Repaired && side == Side::Put;
-                let _ = slot.mutex.unlock();
+                held[n] = s;
+                n += 1;
             }
         }
-        drop(g);
-        if dropped {
+        if n == 0 {
+            return false;
+        }
+        let mut repaired = false;
+        if let Ok(g) = self.lock(side, None) {
+            for &s in &held[..n] {
+                repaired |= self.repair_slot(&g, s) == Repair::Repaired;
+            }
+            drop(g);
+        }
+        for &s in &held[..n] {
+            let _ = self.hdr().slots[s].0.mutex.unlock();
+        }
+        if repaired && side == Side::Put {
+            // A dropped record may be what holds `free` back.
             self.reclaim_now();
         }
+        repaired
     }
 
-    /// Settles dead peers' operations on both sides (the caller holds no lock).
-    fn reap_all(&self) {
-        if self.any_in_flight() {
-            self.reap_dead(Side::Put);
-            self.reap_dead(Side::Get);
-        }
+    /// Settles dead peers' operations on both sides; says whether it found any (the caller
+    /// holds no lock).
+    fn reap_all(&self) -> bool {
+        self.any_in_flight() && (self.reap_dead(Side::Put) | self.reap_dead(Side::Get))
     }
 
     // -----------------------------------------------------------------------------------------
@@ -921,6 +938,9 @@ impl Shared {
         let deadline = wait.deadline();
         let mut write = Some(write);
         let mut phase = Phase::Fresh;
+        // Whether this call already looked for dead copiers (a caller that only ever tries
+        // must see their records settled too, or the ring could stay full for good).
+        let mut reaped = false;
         loop {
             if self.closed() {
                 return Err(Error::Closed);
@@ -951,6 +971,10 @@ impl Shared {
             }
             drop(g);
             if matches!(wait, Wait::Try) {
+                if !reaped && self.reap_all() {
+                    reaped = true;
+                    continue;
+                }
                 return Err(Error::Full);
             }
             match armed {
@@ -1045,6 +1069,9 @@ impl Shared {
         let mut wait = wait;
         let mut read = Some(read);
         let mut phase = Phase::Fresh;
+        // Whether this call already looked for dead copiers (a caller that only ever tries
+        // must get back what a dead reader held, see `reap_dead`).
+        let mut reaped = false;
         loop {
             let deadline = wait.deadline();
             if phase != Phase::Sleep && !self.maybe_ready() {
@@ -1053,6 +1080,10 @@ impl Shared {
                     return Err(Error::Closed);
                 }
                 if matches!(wait, Wait::Try) {
+                    if !reaped && self.reap_all() {
+                        reaped = true;
+                        continue;
+                    }
                     return Err(Error::Empty);
                 }
                 if phase == Phase::Fresh {
@@ -1102,6 +1133,10 @@ impl Shared {
                 return Err(Error::Closed);
             }
             if matches!(wait, Wait::Try) {
+                if !reaped && self.reap_all() {
+                    reaped = true;
+                    continue;
+                }
                 return Err(Error::Empty);
             }
             match armed {
