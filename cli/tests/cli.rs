@@ -145,6 +145,19 @@ fn check_rows(v: &[Value], ids: &[&str]) {
     for o in v {
         let keys: Vec<&String> = o.as_object().unwrap().keys().collect();
         let mut keys: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+        // Figures printed beside a row (another Python variant, a ceiling, private memory):
+        // only some rows have them, each null or a positive number.
+        if let Some(beside) = o.get("beside") {
+            let beside = beside.as_object().expect("`beside` is an object");
+            assert!(!beside.is_empty(), "an empty `beside`: {o}");
+            for (name, x) in beside {
+                assert!(
+                    x.is_null() || x.as_f64().is_some_and(|x| x > 0.0),
+                    "beside {name} must be null or a positive number: {o}"
+                );
+            }
+            keys.retain(|&k| k != "beside");
+        }
         keys.sort_unstable();
         assert_eq!(
             keys,
@@ -215,6 +228,13 @@ fn bench_measures_the_pool_pipe_and_manager_rows() {
             "no multiproc figure: {o}"
         );
     }
+    // The worker's private memory is part of its resident memory.
+    let rss = &v[6];
+    let uss = rss["beside"]["multiproc private (USS)"].as_f64();
+    assert!(
+        uss.is_some_and(|u| u < rss["multiproc"].as_f64().unwrap()),
+        "{rss}"
+    );
 }
 
 #[test]
