@@ -282,7 +282,8 @@ fn push_msg(out: &mut Vec<u8>, kind: u8, seq: u64, body: impl FnOnce(&mut Vec<u8
 fn serve(sock: OwnedFd, page: &Mapping, common: BootCommon) {
     let running = page.atomic_u64(PAGE_RUNNING);
     let started = page.atomic_u64(PAGE_STARTED);
-    let mut inbuf = vec![0u8; 64 * 1024];
+    // Grown on demand (below): an idle worker keeps 4 pages of it, not 16.
+    let mut inbuf = vec![0u8; 16 * 1024];
     let (mut s, mut e) = (0usize, 0usize);
     let mut fds: std::collections::VecDeque<OwnedFd> = std::collections::VecDeque::new();
     let mut got_fds = Vec::new();

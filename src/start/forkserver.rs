@@ -109,6 +109,7 @@ fn request(server: &Server, child_end: &OwnedFd) -> Result<u32> {
 /// The server's loop. Runs before `main` in a freshly exec'd copy of the program, so it has a
 /// single thread and pristine state; every child it forks starts from that state.
 pub(super) fn server_main(ctl: OwnedFd) -> ! {
+    warm_up_for_children();
     // The server must not outlive its client: it exits when the control socket reaches end of
     // file (which the kernel delivers when the client process dies, however it dies).
     loop {
@@ -144,6 +145,22 @@ pub(super) fn server_main(ctl: OwnedFd) -> ! {
             }
         }
     }
+}
+
+thread_local! {
+    /// A thread-local with a destructor, touched once by the server (see below).
+    static WARM: std::cell::Cell<Option<Box<u8>>> = const { std::cell::Cell::new(None) };
+}
+
+/// Work every child would otherwise repeat, done once here so that children inherit its result.
+///
+/// A process's first thread-local with a destructor registers it with libc, and libc's first
+/// such registration resolves a symbol of the dynamic loader lazily: a lookup through the
+/// symbol tables of every loaded object, which maps tens of KiB of each (fault-around) into the
+/// child that does it. Resolved here, the entry is in the memory children are forked from.
+/// Worth about 0.2 MiB of every worker's resident memory (`worker_rss`).
+fn warm_up_for_children() {
+    WARM.with(|w| w.set(None));
 }
 
 fn reply(errno: i32, pid: u32) -> [u8; 8] {
