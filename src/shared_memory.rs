@@ -35,7 +35,7 @@
 //! Anonymous shared objects (`Value`, `Array`, `Lock`...) do not use names at all (memfd).
 
 use std::collections::HashSet;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -185,7 +185,7 @@ impl SharedMemory {
     }
 
     /// [`SharedMemory::create`] without the rename, for file systems that cannot do it.
-    fn create_in_place(cname: &CString, bare: String, size: usize) -> Result<SharedMemory> {
+    fn create_in_place(cname: &CStr, bare: String, size: usize) -> Result<SharedMemory> {
         let fd = platform::shm_open(cname, true, true)?;
         let made = (|| {
             platform::ftruncate(fd.as_fd(), size)?;

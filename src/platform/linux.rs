@@ -691,11 +691,20 @@ pub(crate) fn ftruncate(fd: BorrowedFd<'_>, size: usize) -> Result<()> {
 
 /// The size of the file behind `fd`.
 pub(crate) fn fstat_size(fd: BorrowedFd<'_>) -> Result<usize> {
+    Ok(fstat(fd)?.st_size as usize)
+}
+
+/// The inode number of the file `fd` refers to.
+pub(crate) fn fstat_inode(fd: BorrowedFd<'_>) -> Result<u64> {
+    Ok(fstat(fd)?.st_ino)
+}
+
+fn fstat(fd: BorrowedFd<'_>) -> Result<libc::stat> {
     // SAFETY: st is plain data for the kernel to fill.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: valid fd and out-pointer.
     cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st.st_size as usize)
+    Ok(st)
 }
 
 /// `shm_open(name, O_RDWR | O_CREAT [| O_EXCL])` (close-on-exec). `name` starts with '/'.
@@ -764,15 +773,6 @@ pub(crate) fn shm_inode(name: &CStr) -> Option<u64> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: NUL-terminated path and valid out-pointer.
     (unsafe { libc::stat(path.as_ptr(), &mut st) } == 0).then_some(st.st_ino)
-}
-
-/// The inode number of the file `fd` refers to.
-pub(crate) fn fstat_inode(fd: BorrowedFd<'_>) -> Result<u64> {
-    // SAFETY: st is plain data for the kernel to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: valid fd and out-pointer.
-    cvt(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) })?;
-    Ok(st.st_ino)
 }
 
 /// A shared, read-write mapping of a file; unmapped on drop.
