@@ -397,11 +397,13 @@ fn kill_producers_while_streaming(size: usize, rounds: u64) {
         let take = 5 + (round * 7919) % 60;
         for k in 0..take {
             let (i, data) = q.get_timeout(LONG).unwrap();
-            assert_eq!(
-                i,
-                start + k,
-                "round {round}: in order, no gap, no duplicate"
-            );
+            if i != start + k {
+                panic!(
+                    "round {round}: expected {}, got {i}; {}",
+                    start + k,
+                    what_became_of(&q, start + k)
+                );
+            }
             assert_eq!(data.len(), size);
         }
         p.kill().unwrap();
@@ -423,6 +425,22 @@ fn kill_producers_while_streaming(size: usize, rounds: u64) {
     }
     assert!(next > 0);
     check_queue_still_works(&q, size);
+}
+
+/// After an out-of-sequence message: whether the expected one still comes (a reorder) or not (a
+/// loss), to tell the two apart in a failure report.
+fn what_became_of(q: &Queue<Msg>, want: u64) -> String {
+    let mut after = Vec::new();
+    while let Ok((i, _)) = q.get_timeout(Duration::from_millis(500)) {
+        if i == want {
+            return format!("it came later, after {after:?}: a reorder");
+        }
+        after.push(i);
+        if after.len() > 100 {
+            break;
+        }
+    }
+    format!("it never came (then {after:?}): a loss")
 }
 
 #[test]
