@@ -845,6 +845,17 @@ impl Shared {
         self.any_in_flight() && (self.reap_dead(Side::Put) | self.reap_dead(Side::Get))
     }
 
+    /// For a try about to fail: settles dead copiers, at most once per call (`reaped`), and
+    /// says whether that found any (then the caller looks again). A caller that only ever tries
+    /// must get back what a dead reader held, and find the room a dead writer's record held.
+    fn reap_once(&self, reaped: &mut bool) -> bool {
+        if *reaped {
+            return false;
+        }
+        *reaped = true;
+        self.reap_all()
+    }
+
     // -----------------------------------------------------------------------------------------
     // Waiting and waking
     // -----------------------------------------------------------------------------------------
@@ -938,8 +949,7 @@ impl Shared {
         let deadline = wait.deadline();
         let mut write = Some(write);
         let mut phase = Phase::Fresh;
-        // Whether this call already looked for dead copiers (a caller that only ever tries
-        // must see their records settled too, or the ring could stay full for good).
+        // Whether this call already looked for dead copiers (see `reap_once`).
         let mut reaped = false;
         loop {
             if self.closed() {
@@ -971,8 +981,7 @@ impl Shared {
             }
             drop(g);
             if matches!(wait, Wait::Try) {
-                if !reaped && self.reap_all() {
-                    reaped = true;
+                if self.reap_once(&mut reaped) {
                     continue;
                 }
                 return Err(Error::Full);
@@ -1069,8 +1078,7 @@ impl Shared {
         let mut wait = wait;
         let mut read = Some(read);
         let mut phase = Phase::Fresh;
-        // Whether this call already looked for dead copiers (a caller that only ever tries
-        // must get back what a dead reader held, see `reap_dead`).
+        // Whether this call already looked for dead copiers (see `reap_once`).
         let mut reaped = false;
         loop {
             let deadline = wait.deadline();
@@ -1080,8 +1088,7 @@ impl Shared {
                     return Err(Error::Closed);
                 }
                 if matches!(wait, Wait::Try) {
-                    if !reaped && self.reap_all() {
-                        reaped = true;
+                    if self.reap_once(&mut reaped) {
                         continue;
                     }
                     return Err(Error::Empty);
@@ -1133,8 +1140,7 @@ impl Shared {
                 return Err(Error::Closed);
             }
             if matches!(wait, Wait::Try) {
-                if !reaped && self.reap_all() {
-                    reaped = true;
+                if self.reap_once(&mut reaped) {
                     continue;
                 }
                 return Err(Error::Empty);
